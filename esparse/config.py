@@ -1,0 +1,126 @@
+"""Configuration: defaults + preset + user overrides, validated before any job runs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError, EsparseError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "workflow" / "config"
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _load_yaml(path: Path) -> Any:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def available_presets() -> dict:
+    return _load_yaml(CONFIG_DIR / "presets.yaml") or {}
+
+
+def _format_schema_error(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    if error.validator == "enum":
+        allowed = ", ".join(repr(v) for v in error.validator_value)
+        return f"config {where}: {error.instance!r} is not allowed; allowed values: {allowed}"
+    if error.validator == "additionalProperties":
+        return f"config {where}: {error.message} (see workflow/schemas/config.schema.yaml)"
+    return f"config {where}: {error.message}"
+
+
+def resolve_config(user: dict | None = None, base_dir: str | Path | None = None) -> dict:
+    """Merge config.yaml, the chosen preset and `user` overrides; validate; normalise paths."""
+    user = dict(user or {})
+    base = _load_yaml(CONFIG_DIR / "config.yaml")
+    presets = available_presets()
+    preset = user.get("preset", base.get("preset"))
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r}: allowed presets are {', '.join(sorted(presets))}")
+    config = deep_merge(deep_merge(base, presets[preset] or {}), user)
+    config["preset"] = preset
+    validator = jsonschema.Draft202012Validator(_load_yaml(SCHEMA_PATH))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_format_schema_error(errors[0]))
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    if config.get("data_mirror"):
+        mirror = (base_dir / config["data_mirror"]).resolve()
+        if not (mirror / "SHA256SUMS").is_file():
+            raise ConfigError(f"data_mirror {config['data_mirror']!r} ({mirror}) is not a data mirror: no SHA256SUMS there")
+        config["data_mirror"] = str(mirror)
+    validate_semantics(config)
+    if config.get("data_mirror"):
+        verify_mirror_inputs(config)
+    return config
+
+
+def validate_semantics(config: dict) -> None:
+    """Checks a schema cannot express: patterns, method settings, model names, context lengths."""
+    from .models import REGISTRY, describe_model_ref
+    from .pruning.methods import build_method
+    from .pruning.pattern import SparsityPattern
+
+    try:
+        for pattern in config["patterns"]:
+            SparsityPattern.parse(pattern)
+        for method in config["methods"]:
+            if method != "dense":
+                build_method(method, config["method_settings"].get(method, {}))
+        for ref in config["models"]:
+            describe_model_ref(ref)
+            if ref in REGISTRY:
+                context = REGISTRY[ref].context_length
+                for section in ("calibration", "perplexity"):
+                    seqlen = config[section]["seqlen"]
+                    if seqlen > context:
+                        raise ConfigError(
+                            f"{section}.seqlen {seqlen} exceeds the context length {context} of model {ref!r}"
+                        )
+    except ConfigError:
+        raise
+    except EsparseError as error:
+        raise ConfigError(str(error)) from error
+    slugs = [SparsityPattern.parse(p).slug for p in config["patterns"]]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"patterns {config['patterns']} name the same pattern twice")
+
+
+def datasets_used(config: dict) -> set[str]:
+    return {config["calibration"]["dataset"], config["perplexity"]["dataset"]}
+
+
+def verify_mirror_inputs(config: dict) -> None:
+    """Check every mirror file this run will read against SHA256SUMS before any job starts."""
+    from .data import get_spec, verify_mirror_file
+
+    for name in sorted(datasets_used(config)):
+        for relpath in get_spec(name).mirror_files:
+            verify_mirror_file(config["data_mirror"], relpath)
+
+
+def device_for(config: dict) -> str:
+    import torch
+
+    wanted = config.get("device", "auto")
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+    return wanted

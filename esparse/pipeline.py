@@ -1,0 +1,213 @@
+"""The steps the Snakemake rules call: one function per rule, explicit arguments, atomic outputs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_path, read_json, sha256_file, sha256_tensor, write_json
+from .provenance import provenance
+
+log = logging.getLogger("esparse")
+
+
+@contextmanager
+def step_logging(log_path: str | None, threads: int | None = None):
+    """Send logging, warnings and progress bars of one step to its log file."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    if log_path is None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        yield
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", buffering=1) as handle:
+        old_stderr = sys.stderr
+        sys.stderr = handle
+        root = logging.getLogger()
+        handler = logging.StreamHandler(handle)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        try:
+            yield
+        except Exception:
+            log.exception("step failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+            sys.stderr = old_stderr
+
+
+def model_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "esparse_model.json"
+    return read_json(path) if path.exists() else {}
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+def prepare_model_step(ref: str, out_dir: str, cache_dir: str, dtype: str) -> None:
+    from .models import prepare_model
+
+    manifest = prepare_model(ref, out_dir, cache_dir, dtype=dtype)
+    log.info("prepared %s in %s: %s", ref, out_dir, manifest)
+
+
+# --- calibration ------------------------------------------------------------------------------------
+
+def calibrate_step(model_dir: str, dataset: str, mirror: str | None, nsamples: int, seqlen: int, seed: int,
+                   out_tokens: str, out_json: str, config: dict, wildcards: dict) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .calibration import sample_calibration, validate_calibration_settings
+    from .data import dataset_source, load_records
+
+    model_config = AutoConfig.from_pretrained(model_dir)
+    context = getattr(model_config, "max_position_embeddings", None)
+    validate_calibration_settings(nsamples, seqlen, context)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = load_records(dataset, mirror)
+    calib = sample_calibration(records["text"], tokenizer, nsamples, seqlen, seed)
+    with atomic_path(out_tokens) as tmp:
+        save_file({"tokens": calib.tokens.contiguous()}, str(tmp), metadata={"sha256": calib.info["tokens_sha256"]})
+    manifest = model_manifest(model_dir)
+    payload = {
+        **calib.info,
+        "dataset": dataset_source(dataset, mirror),
+        "document_indices": calib.document_indices,
+        "window_starts": calib.window_starts,
+        "file_sha256": sha256_file(out_tokens),
+        "provenance": provenance(config, "calibrate", wildcards,
+                                 inputs={"model_weights": manifest.get("weights_sha256"),
+                                         "tokenizer": manifest.get("tokenizer_sha256")},
+                                 seeds={"calibration": seed}),
+    }
+    if mirror:
+        payload["note"] = ("offline mirror: drawn from the first 1000 documents of C4 en shard 0, not the "
+                           "whole shard; the draw differs from an online run")
+    write_json(out_json, payload)
+
+
+def load_calibration_tokens(path: str) -> torch.Tensor:
+    return load_file(path)["tokens"]
+
+
+# --- pruning ----------------------------------------------------------------------------------------
+
+def prune_step(model_dir: str, calibration: str | None, method_name: str, pattern_text: str, settings: dict,
+               out_dir: str, device: str, dtype: str, config: dict, wildcards: dict) -> None:
+    from .models import load_model
+    from .pruning.driver import prune_model
+    from .pruning.methods import build_method
+    from .pruning.pattern import SparsityPattern
+
+    method = build_method(method_name, settings)
+    pattern = SparsityPattern.parse(pattern_text)
+    load_start = time.perf_counter()
+    model, tokenizer = load_model(model_dir, dtype=dtype, device="cpu")
+    tokens = load_calibration_tokens(calibration) if calibration else None
+    log.info("loaded model in %.1fs; pruning with %s at %s on %s", time.perf_counter() - load_start,
+             method.name, pattern.label, device)
+    outcome = prune_model(model, method, pattern, tokens if method.needs else None, device=device)
+    out = Path(out_dir)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    tensors = {f"{name}.mask": mask for name, mask in outcome.masks.items()}
+    tensors.update({f"{name}.perm": perm for name, perm in outcome.perms.items()})
+    save_file(tensors, str(staging / "sparsity.safetensors"))
+    manifest = model_manifest(model_dir)
+    masks_digest = sha256_tensor(torch.cat([m.flatten() for m in outcome.masks.values()]))
+    perms_digest = (sha256_tensor(torch.cat([p.flatten() for p in outcome.perms.values()]))
+                    if outcome.perms else None)
+    payload = {
+        "method": method.name,
+        "method_settings": settings,
+        "pattern": pattern.label,
+        "summary": outcome.summary,
+        "masks_sha256": masks_digest,
+        "perms_sha256": perms_digest,
+        "sparsity_file_sha256": sha256_file(staging / "sparsity.safetensors"),
+        "weights_sha256": {p.name: sha256_file(p) for p in sorted(staging.glob("model*.safetensors"))},
+        "layers": outcome.layers,
+        "provenance": provenance(
+            config, "prune", wildcards,
+            inputs={"model_weights": manifest.get("weights_sha256"), "tokenizer": manifest.get("tokenizer_sha256"),
+                    "calibration_tokens": sha256_file(calibration) if calibration else None},
+            seeds={"calibration": config["calibration"]["seed"]},
+        ),
+    }
+    write_json(staging / "prune.json", payload)
+    for extra in ("esparse_model.json",):
+        if (Path(model_dir) / extra).exists():
+            shutil.copy2(Path(model_dir) / extra, staging / f"source_{extra}")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log.info("pruned: achieved sparsity %.4f in %.1fs", outcome.summary["achieved_sparsity"], outcome.summary["seconds"])
+
+
+# --- perplexity -------------------------------------------------------------------------------------
+
+def perplexity_step(model_dir: str, dataset: str, mirror: str | None, seqlen: int, max_windows: int | None,
+                    device: str, dtype: str, out_json: str, config: dict, wildcards: dict) -> None:
+    from .data import dataset_source, load_records
+    from .models import context_length, load_model
+    from .perplexity import perplexity, wikitext_token_stream
+    from .errors import ConfigError
+
+    model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
+    context = context_length(model)
+    if seqlen > context:
+        raise ConfigError(f"perplexity seqlen {seqlen} exceeds the model's context length {context}")
+    records = load_records(dataset, mirror)
+    tokens = wikitext_token_stream(records["text"], tokenizer)
+    start = time.perf_counter()
+    result = perplexity(model, tokens, seqlen, max_windows, device=device)
+    result["seconds"] = time.perf_counter() - start
+    model_dir_path = Path(model_dir)
+    prune_info = read_json(model_dir_path / "prune.json") if (model_dir_path / "prune.json").exists() else None
+    manifest = model_manifest(model_dir)
+    payload = {
+        **wildcards,
+        **result,
+        "dataset": dataset_source(dataset, mirror),
+        "achieved_sparsity": prune_info["summary"]["achieved_sparsity"] if prune_info else 0.0,
+        "masks_sha256": prune_info["masks_sha256"] if prune_info else None,
+        "provenance": provenance(
+            config, "perplexity", wildcards,
+            inputs={"model_weights": {p.name: sha256_file(p) for p in sorted(model_dir_path.glob("model*.safetensors"))},
+                    "tokenizer": manifest.get("tokenizer_sha256") or sha256_file(model_dir_path / "tokenizer.json"),
+                    "eval_tokens": result["stream_sha256"]},
+            extra={"device": device, "dtype": dtype},
+        ),
+    }
+    write_json(out_json, payload)
+    log.info("%s: ppl %.4f over %d windows of %d", wildcards, result["ppl"], result["windows"], seqlen)
+
+
+def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:
+    rows = []
+    for path in json_paths:
+        record = read_json(path)
+        rows.append({
+            "model": record["model"], "method": record["method"], "pattern": record["pattern"],
+            "seqlen": record["seqlen"], "windows": record["windows"],
+            "windows_available": record["windows_available"], "ppl": record["ppl"],
+            "achieved_sparsity": record["achieved_sparsity"], "masks_sha256": record["masks_sha256"],
+        })
+    table = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table

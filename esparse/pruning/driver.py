@@ -1,0 +1,193 @@
+"""The block-by-block pruning driver, shared by every method.
+
+Calibration inputs of block i are the outputs of blocks 0..i-1 *after* they were pruned (the
+Wanda/SparseGPT sequential protocol). Only one block lives on the compute device at a time; the
+rest of the model stays where it was loaded (CPU), so models larger than the device prune too.
+
+The driver knows nothing about any method: it asks the method which statistics it needs
+(`method.needs`, `method.entropy_bins`), streams them through forward hooks, and hands each
+linear's weight and statistics to `method.prune_layer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import find_decoder_blocks, find_linears
+from ..stats import NEED_ENTROPY, StatsAccumulator
+from .masks import check_mask
+from .methods import PruningMethod
+from .pattern import SparsityPattern, check_layer_width
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+@dataclass
+class PruneOutcome:
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def _block_output(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _move_non_block_parameters(model: nn.Module, blocks_prefix: str, device: torch.device) -> None:
+    """Move embeddings, final norms, rotary buffers etc. to `device`, leaving the blocks alone."""
+    skip = blocks_prefix + "."
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(skip):
+            tensor.data = tensor.data.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device: torch.device, store_device: torch.device):
+    """Run the model up to its first decoder block; return the hidden states and block kwargs."""
+    blocks_prefix, blocks = find_decoder_blocks(model)
+    _move_non_block_parameters(model, blocks_prefix, device)
+    captured: dict = {}
+    hidden = []
+
+    def hook(module, args, kwargs):
+        state = args[0] if args else kwargs["hidden_states"]
+        hidden.append(state.to(store_device))
+        if "kwargs" not in captured:
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in tokens:
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden, dim=0), captured["kwargs"]
+
+
+def _run_block(block, inputs: torch.Tensor, kwargs: dict, device, outputs: torch.Tensor | None = None):
+    for index in range(inputs.shape[0]):
+        out = _block_output(block(inputs[index:index + 1].to(device), **kwargs))
+        if outputs is not None:
+            outputs[index:index + 1] = out.to(outputs.device)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPattern,
+                calibration_tokens: torch.Tensor | None, device: str | torch.device = "cpu",
+                offload_activations: bool = False, progress: bool = True) -> PruneOutcome:
+    """Prune every nn.Linear inside the decoder blocks of `model` in place."""
+    device = torch.device(device)
+    store_device = torch.device("cpu") if offload_activations else device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    blocks_prefix, blocks = find_decoder_blocks(model)
+    needs = frozenset(method.needs)
+    uses_calibration = bool(needs)
+    if uses_calibration:
+        if calibration_tokens is None:
+            raise ValueError(f"method {method.name!r} needs calibration data but none was given")
+        inputs, block_kwargs = capture_block_inputs(model, calibration_tokens, device, store_device)
+        outputs = torch.empty_like(inputs)
+    outcome = PruneOutcome()
+    kept_total = 0
+    weights_total = 0
+    for index, block in enumerate(tqdm(blocks, desc=f"prune {method.name} {pattern.label}", disable=not progress,
+                                       mininterval=10)):
+        block_start = time.perf_counter()
+        original_device = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        for name, linear in linears.items():
+            check_layer_width(pattern, linear.in_features)
+        stats = {}
+        if uses_calibration:
+            accumulators = {
+                name: StatsAccumulator(linear.in_features, needs, getattr(method, "entropy_bins", 0), device)
+                for name, linear in linears.items()
+            }
+            passes = ["range", "main"] if NEED_ENTROPY in needs else ["main"]
+            for which in passes:
+                handles = []
+                for name, linear in linears.items():
+                    acc = accumulators[name]
+                    if which == "range":
+                        fn = lambda mod, args, out, acc=acc: acc.observe_range(args[0])
+                    else:
+                        fn = lambda mod, args, out, acc=acc: acc.observe(args[0], sequences=args[0].shape[0])
+                    handles.append(linear.register_forward_hook(fn))
+                try:
+                    _run_block(block, inputs, block_kwargs, device)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            stats = {name: acc.finalize() for name, acc in accumulators.items()}
+            del accumulators
+        for name, linear in linears.items():
+            layer_start = time.perf_counter()
+            result = method.prune_layer(linear.weight.data, stats.get(name), pattern)
+            linear.weight.data.copy_(result.weight)
+            full_name = f"{blocks_prefix}.{index}.{name}"
+            mask = result.mask.to("cpu", torch.bool)
+            perm = None if result.perm is None else result.perm.to("cpu", torch.int64)
+            check = check_mask(mask, pattern, perm)
+            zero_outside_mask = bool((linear.weight.data.to("cpu")[~mask] == 0).all())
+            if not zero_outside_mask:
+                raise RuntimeError(f"{full_name}: weights outside the mask are not zero after pruning")
+            outcome.masks[full_name] = mask
+            if perm is not None:
+                outcome.perms[full_name] = perm
+            kept = int(mask.sum())
+            kept_total += kept
+            weights_total += mask.numel()
+            outcome.layers.append({
+                "name": full_name,
+                "shape": list(linear.weight.shape),
+                "sparsity": 1.0 - kept / mask.numel(),
+                "mask_check": check,
+                "shuffle_efficacy": result.kept_score_ratio,
+                "seconds": time.perf_counter() - layer_start,
+                **({"extra": result.extra} if result.extra else {}),
+            })
+        del stats
+        if uses_calibration:
+            _run_block(block, inputs, block_kwargs, device, outputs)
+            inputs, outputs = outputs, inputs
+        block.to(original_device)
+        log.info("block %d pruned in %.2fs", index, time.perf_counter() - block_start)
+    outcome.summary = {
+        "method": method.name,
+        "pattern": pattern.label,
+        "layers": len(outcome.layers),
+        "achieved_sparsity": 1.0 - kept_total / max(weights_total, 1),
+        "weights_in_pruned_layers": weights_total,
+        "seconds": time.perf_counter() - start,
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "device": str(device),
+        "calibration_used": uses_calibration,
+    }
+    return outcome

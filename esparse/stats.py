@@ -1,0 +1,143 @@
+"""Streaming per-input-channel statistics of a linear layer's calibration inputs.
+
+All statistics are accumulated batch by batch from the inputs that a forward hook sees, so the
+activations `X` (T x C_in) of the whole calibration set are never held at once.
+
+Entropy needs a fixed histogram range per channel. This suite takes the exact range from a first
+pass (`observe_range`, per-channel min and max over all calibration tokens), then fills the
+K-bin histogram over `[lo_j, hi_j]` in a second pass (`observe`). The result does not depend on
+batch order or batch size: it is the histogram a one-shot `torch.histc` per channel would give.
+A channel whose values are all equal has one occupied bin and entropy 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEED_NORM = "norm"
+NEED_ENTROPY = "entropy"
+NEED_HESSIAN = "hessian"
+KNOWN_NEEDS = frozenset({NEED_NORM, NEED_ENTROPY, NEED_HESSIAN})
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one nn.Linear's calibration inputs X (T x C_in)."""
+
+    ntokens: int
+    nsequences: int
+    sum_sq: torch.Tensor
+    hist: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+    def l2_norm(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens."""
+        return self.sum_sq.sqrt()
+
+    def wanda_scaler_row(self) -> torch.Tensor:
+        """Wanda's `scaler_row`: the summed squares divided by the number of sequences.
+
+        Wanda's metric is |W| * sqrt(scaler_row) = |W| * ||X_j|| / sqrt(nsequences): a per-layer
+        constant away from |W| * ||X_j||, so the per-row ranking (and the mask) is the same.
+        """
+        return self.sum_sq / self.nsequences
+
+    def entropy(self) -> torch.Tensor:
+        """H_j = -sum_k p_jk ln p_jk of channel j's K-bin histogram (natural log, 0 ln 0 = 0)."""
+        if self.hist is None:
+            raise ValueError("entropy requested but the histogram was not accumulated")
+        counts = self.hist.to(torch.float64)
+        p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+        plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
+        return -plogp.sum(dim=1)
+
+
+def channel_histogram(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per-channel K-bin histogram of `x` (tokens x channels) over [lo_j, hi_j] (int64, C x K).
+
+    Bin k covers [lo + k w, lo + (k+1) w) with w = (hi - lo) / K; the maximum lands in the last bin,
+    like torch.histc. Values outside the range (never, when the range came from the same data) are
+    clamped into the edge bins.
+    """
+    channels = x.shape[-1]
+    x64 = x.reshape(-1, channels).to(torch.float64)
+    width = (hi - lo) / bins
+    safe_width = torch.where(width > 0, width, torch.ones_like(width))
+    index = torch.floor((x64 - lo) / safe_width).clamp_(0, bins - 1).to(torch.int64)
+    index = torch.where(width > 0, index, torch.zeros_like(index))
+    flat = index + torch.arange(channels, device=x.device, dtype=torch.int64) * bins
+    return torch.bincount(flat.reshape(-1), minlength=channels * bins).reshape(channels, bins)
+
+
+class StatsAccumulator:
+    """Accumulates `LayerStats` for one linear layer from batches of its inputs."""
+
+    def __init__(self, in_features: int, needs: frozenset[str], bins: int = 0,
+                 device: torch.device | str = "cpu"):
+        unknown = set(needs) - KNOWN_NEEDS
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN_NEEDS)}")
+        if NEED_ENTROPY in needs and bins < 2:
+            raise ValueError(f"entropy needs at least 2 histogram bins, got {bins}")
+        self.in_features = in_features
+        self.needs = frozenset(needs)
+        self.bins = bins
+        self.device = torch.device(device)
+        self.ntokens = 0
+        self.nsequences = 0
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=self.device)
+        self.lo = self.hi = self.hist = self.hessian = None
+        if NEED_ENTROPY in needs:
+            self.lo = torch.full((in_features,), float("inf"), dtype=torch.float64, device=self.device)
+            self.hi = torch.full((in_features,), float("-inf"), dtype=torch.float64, device=self.device)
+            self.hist = torch.zeros(in_features, bins, dtype=torch.int64, device=self.device)
+        if NEED_HESSIAN in needs:
+            self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=self.device)
+        self._range_tokens = 0
+
+    @property
+    def needs_range_pass(self) -> bool:
+        return NEED_ENTROPY in self.needs
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        return x.detach().reshape(-1, self.in_features).to(self.device)
+
+    def observe_range(self, x: torch.Tensor) -> None:
+        """First pass (entropy only): exact per-channel min and max."""
+        flat = self._flatten(x)
+        lo, hi = torch.aminmax(flat, dim=0)
+        torch.minimum(self.lo, lo.to(torch.float64), out=self.lo)
+        torch.maximum(self.hi, hi.to(torch.float64), out=self.hi)
+        self._range_tokens += flat.shape[0]
+
+    def observe(self, x: torch.Tensor, sequences: int) -> None:
+        """Main pass: summed squares, histogram over the fixed range, and the Hessian X^T X."""
+        flat = self._flatten(x)
+        self.ntokens += flat.shape[0]
+        self.nsequences += sequences
+        as32 = flat.to(torch.float32)
+        self.sum_sq += as32.square().sum(dim=0, dtype=torch.float64)
+        if self.hist is not None:
+            if self._range_tokens == 0:
+                raise RuntimeError("entropy histogram needs observe_range() over all inputs first")
+            self.hist += channel_histogram(flat, self.lo, self.hi, self.bins)
+        if self.hessian is not None:
+            # One float32 GEMM per batch, summed in float64 across batches.
+            self.hessian += (as32.T @ as32).to(torch.float64)
+
+    def finalize(self) -> LayerStats:
+        if self.ntokens == 0:
+            raise RuntimeError("no calibration inputs were observed for this layer")
+        if self.hist is not None and self._range_tokens != self.ntokens:
+            raise RuntimeError(
+                f"range pass saw {self._range_tokens} tokens but the main pass saw {self.ntokens}: "
+                "both passes must cover the same calibration inputs"
+            )
+        return LayerStats(ntokens=self.ntokens, nsequences=self.nsequences, sum_sq=self.sum_sq,
+                          hist=self.hist, lo=self.lo, hi=self.hi, hessian=self.hessian)

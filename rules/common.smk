@@ -1,0 +1,53 @@
+# Shared helpers for all rules: the resolved configuration and the output layout.
+import os
+import sys
+
+from esparse.config import device_for, resolve_config
+from esparse.errors import EsparseError
+from esparse.models import model_slug
+from esparse.pruning.pattern import SparsityPattern
+
+try:
+    config = resolve_config(config, base_dir=workflow.basedir)
+    DEVICE = device_for(config)
+except EsparseError as error:
+    sys.exit(f"esparse-bench: {error}")
+
+# Jobs (local, conda or SLURM) import the package from this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [workflow.basedir, os.path.join(workflow.basedir, "kernels")]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+# The pinned environment the rules run in with --sdm conda (relative to rules/).
+RULE_ENV = "../envs/esparse-cuda.yaml" if DEVICE == "cuda" else "../envs/esparse-cpu.yaml"
+
+RESULTS = config["results_dir"]
+RESOURCES = config["resources_dir"]
+MIRROR = config["data_mirror"]
+MODELS = {model_slug(ref): ref for ref in config["models"]}
+PATTERNS = {SparsityPattern.parse(p).slug: SparsityPattern.parse(p) for p in config["patterns"]}
+PRUNING_METHODS = [m for m in config["methods"] if m != "dense"]
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    method="|".join(config["methods"]),
+    pattern="|".join(list(PATTERNS) + ["dense"]),
+
+
+def method_pattern_pairs():
+    """(method, pattern slug) for every result: dense once, every pruning method at every pattern."""
+    pairs = [("dense", "dense")] if "dense" in config["methods"] else []
+    pairs += [(m, p) for m in PRUNING_METHODS for p in PATTERNS]
+    return pairs
+
+
+def evaluated_model_dir(wildcards):
+    """The dense model for method 'dense', otherwise that method's pruned model."""
+    if wildcards.method == "dense":
+        return f"{RESOURCES}/models/{wildcards.model}"
+    return f"{RESULTS}/pruned/{wildcards.model}/{wildcards.method}/{wildcards.pattern}"
+
+
+def pattern_text(wildcards):
+    return PATTERNS[wildcards.pattern].label

@@ -1,0 +1,44 @@
+rule perplexity:
+    """WikiText-2 perplexity (Wanda/SparseGPT protocol) of the dense or a pruned model."""
+    input:
+        model=evaluated_model_dir,
+    output:
+        f"{RESULTS}/ppl/{{model}}/{{method}}/{{pattern}}.json",
+    params:
+        dataset=config["perplexity"]["dataset"],
+        seqlen=config["perplexity"]["seqlen"],
+        max_windows=config["perplexity"]["max_windows"],
+        mirror=MIRROR,
+        device=DEVICE,
+        dtype=config["dtype"],
+    log:
+        f"{RESULTS}/logs/perplexity/{{model}}/{{method}}/{{pattern}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/perplexity/{{model}}/{{method}}/{{pattern}}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=6000,
+        runtime=120,
+        gpu=1 if DEVICE == "cuda" else 0,
+    conda:
+        RULE_ENV
+    script:
+        "../workflow/scripts/perplexity.py"
+
+
+rule ppl_table:
+    """Tidy table of every WikiText-2 perplexity."""
+    input:
+        [
+            f"{RESULTS}/ppl/{model}/{method}/{pattern}.json"
+            for model in MODELS
+            for method, pattern in method_pattern_pairs()
+        ],
+    output:
+        f"{RESULTS}/tables/wikitext_ppl.csv",
+    log:
+        f"{RESULTS}/logs/tables/wikitext_ppl.log",
+    conda:
+        RULE_ENV
+    script:
+        "../workflow/scripts/ppl_table.py"

@@ -1,0 +1,100 @@
+"""Streaming statistics against brute-force computations on small inputs."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from esparse.stats import LayerStats, StatsAccumulator, channel_histogram
+
+
+def brute_entropy(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """One channel at a time with torch.histc over the channel's exact range."""
+    out = []
+    for j in range(x.shape[1]):
+        col = x[:, j].to(torch.float64)
+        lo, hi = col.min().item(), col.max().item()
+        if lo == hi:
+            out.append(0.0)
+            continue
+        counts = torch.histc(col, bins=bins, min=lo, max=hi)
+        p = counts / counts.sum()
+        out.append(-sum(v * math.log(v) for v in p.tolist() if v > 0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def stream(batches, needs, bins=8):
+    acc = StatsAccumulator(batches[0].shape[-1], frozenset(needs), bins)
+    if acc.needs_range_pass:
+        for b in batches:
+            acc.observe_range(b)
+    for b in batches:
+        acc.observe(b, sequences=b.shape[0])
+    return acc.finalize()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), nbatches=st.integers(1, 4), bins=st.sampled_from([2, 5, 16, 64]))
+def test_streaming_matches_brute_force(seed, nbatches, bins):
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(2, 7, 6, generator=g) * torch.rand(6, generator=g) * 5 for _ in range(nbatches)]
+    batches[0][..., 3] = 1.25  # a constant channel in the first batch only
+    stats = stream(batches, {"norm", "entropy", "hessian"}, bins)
+    x = torch.cat([b.reshape(-1, 6) for b in batches]).to(torch.float64)
+    assert stats.ntokens == x.shape[0]
+    assert stats.nsequences == 2 * nbatches
+    torch.testing.assert_close(stats.sum_sq, (x ** 2).sum(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats.l2_norm(), x.norm(dim=0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats.wanda_scaler_row(), (x ** 2).sum(0) / (2 * nbatches), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats.hessian, x.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.lo, x.min(0).values)
+    torch.testing.assert_close(stats.hi, x.max(0).values)
+    assert int(stats.hist.sum()) == x.numel()
+    torch.testing.assert_close(stats.entropy(), brute_entropy(x.to(torch.float32), bins), rtol=1e-6, atol=1e-9)
+
+
+def test_batch_split_does_not_change_statistics():
+    x = torch.randn(6, 16, 10)
+    whole = stream([x], {"norm", "entropy", "hessian"}, 16)
+    split = stream(list(x.split(1)), {"norm", "entropy", "hessian"}, 16)
+    assert torch.equal(whole.hist, split.hist)
+    torch.testing.assert_close(whole.sum_sq, split.sum_sq)
+    # float32 GEMM per batch: equal up to float32 rounding, not bit for bit
+    torch.testing.assert_close(whole.hessian, split.hessian, rtol=1e-5, atol=1e-4)
+
+
+def test_entropy_extremes():
+    hist = torch.tensor([[10, 0, 0, 0], [5, 5, 5, 5]])
+    stats = LayerStats(ntokens=20, nsequences=1, sum_sq=torch.ones(2, dtype=torch.float64), hist=hist)
+    ent = stats.entropy()
+    assert ent[0].item() == 0.0
+    assert ent[1].item() == pytest.approx(math.log(4))
+
+
+def test_histogram_maximum_lands_in_last_bin():
+    x = torch.tensor([[0.0], [1.0], [0.5]])
+    hist = channel_histogram(x, torch.tensor([0.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64), 2)
+    assert hist.tolist() == [[1, 2]]
+
+
+def test_histogram_requires_range_pass_first():
+    acc = StatsAccumulator(4, frozenset({"entropy"}), 8)
+    with pytest.raises(RuntimeError, match="observe_range"):
+        acc.observe(torch.randn(3, 4), sequences=1)
+
+
+def test_pass_token_counts_must_agree():
+    acc = StatsAccumulator(4, frozenset({"entropy"}), 8)
+    acc.observe_range(torch.randn(3, 4))
+    acc.observe_range(torch.randn(3, 4))
+    acc.observe(torch.randn(3, 4), sequences=1)
+    with pytest.raises(RuntimeError, match="same calibration inputs"):
+        acc.finalize()
+
+
+def test_only_requested_statistics_are_kept():
+    stats = stream([torch.randn(1, 5, 4)], {"norm"})
+    assert stats.hist is None and stats.hessian is None
+    with pytest.raises(ValueError):
+        stats.entropy()
