@@ -10,9 +10,11 @@ include: "rules/model.smk"
 include: "rules/calibrate.smk"
 include: "rules/prune.smk"
 include: "rules/perplexity.smk"
+include: "rules/ablation.smk"
 
 
 rule all:
     input:
         ppl_table=f"{RESULTS}/tables/wikitext_ppl.csv",
+        ablation=[f"{RESULTS}/tables/ablation.csv"] if config["ablation"]["enabled"] else [],
     default_target: True

@@ -78,7 +78,7 @@ def validate_semantics(config: dict) -> None:
     from .pruning.pattern import SparsityPattern
 
     try:
-        for pattern in config["patterns"]:
+        for pattern in config["patterns"] + [config["ablation"]["pattern"]]:
             SparsityPattern.parse(pattern)
         for method in config["methods"]:
             if method != "dense":
@@ -103,7 +103,10 @@ def validate_semantics(config: dict) -> None:
 
 
 def datasets_used(config: dict) -> set[str]:
-    return {config["calibration"]["dataset"], config["perplexity"]["dataset"]}
+    used = {config["calibration"]["dataset"], config["perplexity"]["dataset"]}
+    if config["ablation"]["enabled"]:
+        used.add(config["ablation"]["dataset"])
+    return used
 
 
 def verify_mirror_inputs(config: dict) -> None:

@@ -1,8 +1,10 @@
-"""WikiText-2 perplexity, exactly the protocol of the Wanda/SparseGPT papers.
+"""Perplexity, exactly the protocol of the Wanda/SparseGPT papers.
 
-Test rows joined with "\n\n", tokenized once, cut into non-overlapping windows of `seqlen` tokens
-(remainder dropped); NLL per window = mean token loss x seqlen; ppl = exp(sum NLL / (windows x seqlen)).
-This is not lm-eval's document-level `wikitext` word perplexity.
+WikiText-2: test rows joined with "\n\n", tokenized once, cut into non-overlapping windows of
+`seqlen` tokens (remainder dropped); NLL per window = mean token loss x seqlen;
+ppl = exp(sum NLL / (windows x seqlen)). This is not lm-eval's document-level `wikitext` word
+perplexity. Held-apart C4 (used only to choose hyper-parameters): documents joined with " ", as
+SparseGPT's C4 evaluation does, then the same windows.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ from tqdm.auto import tqdm
 from .errors import ConfigError
 from .io import sha256_tensor
 
-JOIN = "\n\n"
+STREAM_JOINS = {"wikitext2": "\n\n", "c4_heldout": " "}
+
+
+def token_stream(rows: list[str], tokenizer, dataset: str = "wikitext2") -> torch.Tensor:
+    """The evaluation token stream (int64, 1-D) of a data set's rows, joined per its protocol."""
+    if dataset not in STREAM_JOINS:
+        raise ConfigError(f"no perplexity protocol for data set {dataset!r}; allowed: {', '.join(STREAM_JOINS)}")
+    return tokenizer(STREAM_JOINS[dataset].join(rows), return_tensors="pt")["input_ids"][0].to(torch.int64)
 
 
 def wikitext_token_stream(rows: list[str], tokenizer) -> torch.Tensor:
-    """The evaluation token stream (int64, 1-D)."""
-    return tokenizer(JOIN.join(rows), return_tensors="pt")["input_ids"][0].to(torch.int64)
+    return token_stream(rows, tokenizer, "wikitext2")
 
 
 @torch.no_grad()

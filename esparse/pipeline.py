@@ -164,15 +164,15 @@ def perplexity_step(model_dir: str, dataset: str, mirror: str | None, seqlen: in
                     device: str, dtype: str, out_json: str, config: dict, wildcards: dict) -> None:
     from .data import dataset_source, load_records
     from .models import context_length, load_model
-    from .perplexity import perplexity, wikitext_token_stream
     from .errors import ConfigError
+    from .perplexity import perplexity, token_stream
 
     model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
     context = context_length(model)
     if seqlen > context:
         raise ConfigError(f"perplexity seqlen {seqlen} exceeds the model's context length {context}")
     records = load_records(dataset, mirror)
-    tokens = wikitext_token_stream(records["text"], tokenizer)
+    tokens = token_stream(records["text"], tokenizer, dataset)
     start = time.perf_counter()
     result = perplexity(model, tokens, seqlen, max_windows, device=device)
     result["seconds"] = time.perf_counter() - start
@@ -195,6 +195,96 @@ def perplexity_step(model_dir: str, dataset: str, mirror: str | None, seqlen: in
     }
     write_json(out_json, payload)
     log.info("%s: ppl %.4f over %d windows of %d", wildcards, result["ppl"], result["windows"], seqlen)
+
+
+# --- E-Sparse ablation (hyper-parameters chosen on held-apart C4, never on WikiText-2 test) ----------
+
+def ablation_variants(ablation: dict, base_settings: dict) -> dict[str, dict]:
+    """Variant slug -> E-Sparse settings: metric x shuffle at the base alpha/bins, then alpha and bins sweeps."""
+    def slug(settings: dict) -> str:
+        return (f"{settings['metric']}_{settings['shuffle']}_a{settings['alpha']:g}_k{settings['bins']}"
+                .replace("+", "-"))
+
+    variants = {}
+    for metric in ablation["metrics"]:
+        for shuffle in ablation["shuffles"]:
+            settings = {**base_settings, "metric": metric, "shuffle": shuffle}
+            variants[slug(settings)] = settings
+    for alpha in ablation["alphas"]:
+        settings = {**base_settings, "alpha": alpha}
+        variants[slug(settings)] = settings
+    for bins in ablation["bins"]:
+        settings = {**base_settings, "bins": bins}
+        variants[slug(settings)] = settings
+    return variants
+
+
+def ablation_step(model_dir: str, calibration: str, settings: dict, pattern_text: str, dataset: str,
+                  mirror: str | None, seqlen: int, max_windows: int | None, device: str, dtype: str,
+                  out_json: str, config: dict, wildcards: dict) -> None:
+    """Prune one E-Sparse variant and measure held-apart perplexity; the model is not kept."""
+    from .data import dataset_source, load_records
+    from .models import load_model
+    from .perplexity import perplexity, token_stream
+    from .pruning.driver import prune_model
+    from .pruning.methods import build_method
+    from .pruning.pattern import SparsityPattern
+
+    method = build_method("esparse", settings)
+    pattern = SparsityPattern.parse(pattern_text)
+    model, tokenizer = load_model(model_dir, dtype=dtype, device="cpu")
+    outcome = prune_model(model, method, pattern, load_calibration_tokens(calibration), device=device)
+    model.to(device)
+    tokens = token_stream(load_records(dataset, mirror)["text"], tokenizer, dataset)
+    result = perplexity(model, tokens, seqlen, max_windows, device=device)
+    efficacies = [layer["shuffle_efficacy"] for layer in outcome.layers if layer["shuffle_efficacy"] is not None]
+    payload = {
+        **wildcards,
+        "settings": settings,
+        "pattern": pattern.label,
+        "heldout_dataset": dataset_source(dataset, mirror),
+        "heldout_ppl": result["ppl"],
+        "seqlen": result["seqlen"],
+        "windows": result["windows"],
+        "windows_available": result["windows_available"],
+        "prune_seconds": outcome.summary["seconds"],
+        "achieved_sparsity": outcome.summary["achieved_sparsity"],
+        "mean_shuffle_efficacy": sum(efficacies) / len(efficacies) if efficacies else None,
+        "masks_sha256": sha256_tensor(torch.cat([m.flatten() for m in outcome.masks.values()])),
+        "provenance": provenance(config, "ablation", wildcards,
+                                 inputs={"calibration_tokens": sha256_file(calibration),
+                                         "eval_tokens": result["stream_sha256"]}),
+    }
+    write_json(out_json, payload)
+
+
+def ablation_table_step(json_paths: list[str], configured: dict, out_csv: str, out_choice: str) -> pd.DataFrame:
+    """Tabulate the ablation and choose alpha and bins by held-apart perplexity."""
+    rows = []
+    for path in json_paths:
+        record = read_json(path)
+        rows.append({"variant": record["variant"], **{k: record["settings"][k] for k in ("metric", "shuffle", "alpha", "bins")},
+                     "pattern": record["pattern"], "heldout_ppl": record["heldout_ppl"], "seqlen": record["seqlen"],
+                     "windows": record["windows"], "mean_shuffle_efficacy": record["mean_shuffle_efficacy"],
+                     "prune_seconds": record["prune_seconds"], "masks_sha256": record["masks_sha256"]})
+    table = pd.DataFrame(rows).sort_values(["metric", "shuffle", "alpha", "bins"]).reset_index(drop=True)
+    full = table[(table["metric"] == configured["metric"]) & (table["shuffle"] == configured["shuffle"])]
+    best = full.loc[full["heldout_ppl"].idxmin()]
+    choice = {
+        "criterion": "lowest perplexity on the held-apart C4 documents (c4_heldout), never WikiText-2 test",
+        "metric": configured["metric"],
+        "shuffle": configured["shuffle"],
+        "chosen": {"alpha": float(best["alpha"]), "bins": int(best["bins"])},
+        "chosen_heldout_ppl": float(best["heldout_ppl"]),
+        "configured": {"alpha": configured["alpha"], "bins": configured["bins"]},
+        "configured_is_chosen": (float(best["alpha"]) == float(configured["alpha"])
+                                 and int(best["bins"]) == int(configured["bins"])),
+        "candidates": full[["alpha", "bins", "heldout_ppl"]].to_dict(orient="records"),
+    }
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(out_choice, choice)
+    return table
 
 
 def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:

@@ -5,6 +5,7 @@ import sys
 from esparse.config import device_for, resolve_config
 from esparse.errors import EsparseError
 from esparse.models import model_slug
+from esparse.pipeline import ablation_variants
 from esparse.pruning.pattern import SparsityPattern
 
 try:
@@ -33,6 +34,7 @@ wildcard_constraints:
     model="|".join(MODELS),
     method="|".join(config["methods"]),
     pattern="|".join(list(PATTERNS) + ["dense"]),
+    variant="[A-Za-z0-9_.+-]+",
 
 
 def method_pattern_pairs():
