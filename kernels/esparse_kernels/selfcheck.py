@@ -1,0 +1,111 @@
+"""Exactness check of every kernel path against the masked dense reference on the current device.
+
+    python -m esparse_kernels.selfcheck [--out check.json]
+
+Fresh random weights, 2:4 masks in random permuted orders, inputs and permutations for each case;
+outputs poisoned with NaN before each run; each split-K case is run several times in a row (the
+ticket counters must return to zero and every run must agree bit for bit, else a race is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .pack import pack_24, random_24_weight, reference_linear, rel_frobenius_error, unpack_24, unpack_24_permuted
+
+TOL = 1e-3
+
+
+def cases(device: str, dtype: torch.dtype):
+    from .triton_sp24 import KernelConfig
+
+    shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 352), (8192, 2208)]
+    configs = [
+        KernelConfig("gemv", 16, 128), KernelConfig("gemv", 32, 256, split_k=4, num_warps=8),
+        KernelConfig("gemv", 8, 256, split_k=8), KernelConfig("gemv", 64, 64, split_k=3),
+        KernelConfig("dot", 64, 64, block_t=16, split_k=4),
+        KernelConfig("dot", 64, 128, block_t=16, split_k=2, perm_mode="pre"),
+        KernelConfig("dot", 128, 32, block_t=64, num_warps=4, num_stages=3, perm_mode="pre"),
+        KernelConfig("dot", 128, 32, block_t=128, num_warps=8, num_stages=3, perm_mode="pre"),
+        KernelConfig("dot", 128, 64, block_t=64, split_k=8, num_warps=8, num_stages=3, perm_mode="pre"),
+    ]
+    if dtype != torch.float16:  # the kernels are dtype-generic; a few configs suffice to cover bf16
+        configs = [configs[0], configs[1], configs[4], configs[6]]
+    tokens = [1, 2, 3, 4, 7, 16, 33, 300]
+    for shape in shapes:
+        for cfg in configs:
+            for t in tokens:
+                if cfg.supports(t) and (cfg.kind == "gemv" or t >= 2 or cfg.block_t == 16):
+                    yield shape, cfg, t
+
+
+def run(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 3) -> dict:
+    from .triton_sp24 import Workspace, sp24_decompress, sp24_matmul
+
+    results, failures = [], []
+    gen = torch.Generator().manual_seed(1234)
+    packed_cache = {}
+    for dtype in dtypes:
+        for (n, k), cfg, t in cases(device, dtype):
+            key = (n, k, dtype)
+            if key not in packed_cache:
+                w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen, with_perm=True)
+                packed = pack_24(w, mask, perm)
+                assert torch.equal(unpack_24(packed), w)
+                packed_cache[key] = packed.to(device)
+                dense_p = sp24_decompress(packed_cache[key])
+                ok = torch.equal(dense_p.cpu(), unpack_24_permuted(packed))
+                results.append({"case": f"decompress {n}x{k} {dtype}", "exact": ok})
+                if not ok:
+                    failures.append(results[-1])
+            packed = packed_cache[key]
+            x = torch.randn(t, k, generator=gen).to(dtype).to(device)
+            ref = reference_linear(x, packed)
+            ws = Workspace(cfg, n, t, device, in_features=k, dtype=dtype)
+            outs = []
+            for _ in range(repeats):
+                out = torch.full((t, n), float("nan"), dtype=dtype, device=device)
+                sp24_matmul(x, packed, cfg, ws, out=out)
+                outs.append(out)
+            torch.cuda.synchronize()
+            err = max(rel_frobenius_error(o, ref) for o in outs)
+            stable = all(torch.equal(outs[0], o) for o in outs[1:])
+            counters_zero = int(ws.counters.abs().sum()) == 0
+            tol = TOL if dtype == torch.float16 else 8 * TOL  # bf16 output rounding alone is ~2e-3
+            rec = {"case": f"{cfg.label} {n}x{k} T={t} {dtype}", "rel_err": err, "stable": stable,
+                   "counters_zero": counters_zero, "tol": tol}
+            results.append(rec)
+            if not (err < tol and stable and counters_zero):
+                failures.append(rec)
+    return {"device": torch.cuda.get_device_name(), "cases": len(results), "failures": failures,
+            "max_rel_err_fp16": max((r["rel_err"] for r in results if "rel_err" in r and "float16" in r["case"]
+                                     and "bfloat16" not in r["case"]), default=None),
+            "max_rel_err_bf16": max((r["rel_err"] for r in results if "rel_err" in r and "bfloat16" in r["case"]),
+                                    default=None),
+            "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m esparse_kernels.selfcheck")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("selfcheck needs CUDA", file=sys.stderr)
+        return 2
+    report = run()
+    print(f"selfcheck on {report['device']}: {report['cases']} cases, {len(report['failures'])} failures, "
+          f"max rel err fp16 {report['max_rel_err_fp16']:.2e}, bf16 {report['max_rel_err_bf16']:.2e}")
+    for f in report["failures"][:20]:
+        print("FAIL", f)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
