@@ -11,10 +11,12 @@ include: "rules/calibrate.smk"
 include: "rules/prune.smk"
 include: "rules/perplexity.smk"
 include: "rules/ablation.smk"
+include: "rules/zeroshot.smk"
 
 
 rule all:
     input:
         ppl_table=f"{RESULTS}/tables/wikitext_ppl.csv",
+        zeroshot=[f"{RESULTS}/tables/zeroshot.csv"] if config["zeroshot"]["enabled"] else [],
         ablation=[f"{RESULTS}/tables/ablation.csv"] if config["ablation"]["enabled"] else [],
     default_target: True

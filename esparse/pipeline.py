@@ -287,6 +287,33 @@ def ablation_table_step(json_paths: list[str], configured: dict, out_csv: str, o
     return table
 
 
+# --- zero-shot ---------------------------------------------------------------------------------------
+
+def zeroshot_step(model_dir: str, tasks, mirror: str | None, limit, batch_size: int, device: str, dtype: str,
+                  out_json: str, out_csv: str, tasks_dir: str, config: dict, wildcards: dict) -> None:
+    from .zeroshot import run_zeroshot
+
+    model_dir_path = Path(model_dir)
+    prune_info = read_json(model_dir_path / "prune.json") if (model_dir_path / "prune.json").exists() else None
+    block = provenance(
+        config, "zeroshot", wildcards,
+        inputs={"model_weights": {p.name: sha256_file(p) for p in sorted(model_dir_path.glob("model*.safetensors"))},
+                "masks_sha256": prune_info["masks_sha256"] if prune_info else None},
+        extra={"device": device, "dtype": dtype, "limit": limit, "batch_size": batch_size},
+    )
+    run_zeroshot(model_dir, out_json, tasks, mirror, limit=limit, batch_size=batch_size, device=device,
+                 out_csv=out_csv, tasks_dir=tasks_dir, model_name=wildcards["model"], method=wildcards["method"],
+                 pattern=wildcards["pattern"], dtype=dtype, provenance_block=block)
+
+
+def concat_tables_step(csv_paths: list[str], out_csv: str) -> pd.DataFrame:
+    """Concatenate per-job tidy CSVs into one table."""
+    table = pd.concat([pd.read_csv(path) for path in csv_paths], ignore_index=True)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
 def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:
     rows = []
     for path in json_paths:

@@ -1,0 +1,7 @@
+from esparse.pipeline import step_logging, zeroshot_step
+
+with step_logging(snakemake.log[0], snakemake.threads):
+    zeroshot_step(snakemake.input.model, snakemake.params.tasks, snakemake.params.mirror, snakemake.params.limit,
+                  snakemake.params.batch_size, snakemake.params.device, snakemake.params.dtype,
+                  snakemake.output.json, snakemake.output.csv, snakemake.output.tasks, snakemake.config,
+                  dict(snakemake.wildcards))
