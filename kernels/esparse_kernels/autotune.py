@@ -3,6 +3,8 @@
 Backends:
 - ``dense``: cuBLAS ``torch.mm(x, W.t())`` on the masked dense weight in the original column order.
 - ``ours``: the Triton kernels of triton_sp24 on the packed format, permutation included.
+- ``ours_cuda``: the CUDA C++ decode kernel of cuda_sp24 (sparse tensor cores, 1-16 tokens),
+  permutation included (gathered once per CTA into shared memory).
 - ``cusparselt``: ``torch._cslt_sparse_mm`` (permuted x via index_select + sparse GEMM), searched
   algorithm and a sweep of algorithm ids / split-K, timed under graph replay.
 - ``decompress_dense``: decompress the packed weight (Triton) into a scratch buffer, then cuBLAS.
@@ -236,6 +238,32 @@ class ShapeBench:
         backend = "ours" if with_perm else "ours_noperm"
         return Measurement(backend, config.to_dict(), config.label, timing, err, set_bytes=set_bytes)
 
+    def time_cuda(self, config, tokens: int, reps: int | None = None, with_perm: bool = True) -> Measurement:
+        from .cuda_sp24 import CudaWorkspace, sp24_cuda_matmul
+
+        n, k = self.shape
+        kind = "packed" if with_perm else "packed_noperm"
+        sets, set_bytes = self._set_count(self.packed.nbytes(), tokens)
+        ps = self._weight_copies(kind, sets)
+        xs = self._inputs(tokens, sets)
+        outs = [torch.empty(tokens, n, dtype=self.weight.dtype, device=self.device) for _ in range(sets)]
+        ws = CudaWorkspace(config, n, tokens, self.device, k, self.weight.dtype)
+        calls = [(lambda x=x, p=p, o=o: sp24_cuda_matmul(x, p, config, ws, out=o)) for x, p, o in zip(xs, ps, outs)]
+        err = None
+        if self.check:
+            errs = []
+            for _ in range(2):  # twice: the second run reuses the counters the first one reset
+                outs[0].fill_(float("nan"))
+                calls[0]()
+                errs.append(rel_frobenius_error(outs[0], self._reference(xs[0], permuted_weight=not with_perm
+                                                                         and self.packed.perm is not None)))
+            err = max(errs)
+        timing = time_calls(calls, reps or self.reps)
+        if self.check and int(ws.counters.abs().sum()) != 0:
+            err = float("inf")
+        backend = "ours_cuda" if with_perm else "ours_cuda_noperm"
+        return Measurement(backend, config.to_dict(), config.label, timing, err, set_bytes=set_bytes)
+
     def time_decompress_dense(self, tokens: int, reps: int | None = None) -> Measurement:
         from .triton_sp24 import sp24_decompress
 
@@ -331,18 +359,36 @@ class _Recorder(list):
             self._on_result(m)
 
 
+def cuda_available() -> bool:
+    """True when the CUDA decode kernel builds and runs here (first call compiles it)."""
+    if not torch.cuda.is_available():
+        return False
+    from . import cuda_sp24
+
+    return cuda_sp24.available()
+
+
 def tune_tokens(bench: ShapeBench, tokens: int, n_sms: int, include_cslt: bool = True,
                 include_dense: bool = True, include_decompress: bool | None = None,
                 log: Callable[[str], None] | None = None,
-                on_result: Callable[[Measurement], None] | None = None) -> list[Measurement]:
+                on_result: Callable[[Measurement], None] | None = None,
+                include_triton: bool = True, include_cuda: bool = True) -> list[Measurement]:
     """Time every candidate for one token count; returns all measurements (failed ones with .error)."""
     n, k = bench.shape
     res: list[Measurement] = _Recorder(on_result)
     if include_dense:
         res.append(_safe(lambda: bench.time_dense(tokens), "dense", "cublas", {}))
     has_perm = bench.packed.perm is not None
-    for cfg in kernel_candidates(n, k, tokens, n_sms, has_perm):
-        res.append(_safe(lambda cfg=cfg: bench.time_ours(cfg, tokens), "ours", cfg.label, cfg.to_dict()))
+    if include_triton:
+        for cfg in kernel_candidates(n, k, tokens, n_sms, has_perm):
+            res.append(_safe(lambda cfg=cfg: bench.time_ours(cfg, tokens), "ours", cfg.label, cfg.to_dict()))
+    if include_cuda and cuda_available():
+        from .cuda_sp24 import cuda_candidates, supports_shape
+
+        if supports_shape(n, k, bench.weight.dtype):
+            for cfg in cuda_candidates(n, k, tokens, n_sms):
+                res.append(_safe(lambda cfg=cfg: bench.time_cuda(cfg, tokens), "ours_cuda", cfg.label,
+                                 cfg.to_dict()))
     if include_decompress is None:
         include_decompress = tokens >= 16
     if include_decompress:

@@ -1,13 +1,15 @@
 """Benchmark: dense cuBLAS vs PyTorch cuSPARSELt vs our 2:4 kernels over model linear shapes.
 
     python -m esparse_kernels.bench --out reports/gpu/kernels_h200.csv [--shapes llama-7b,...] [--tokens 1,16]
-        [--tune-reps 10] [--final-reps 30] [--no-cusparselt] [--no-isolate] [--worker-timeout 1800]
+        [--tune-reps 10] [--final-reps 30] [--no-cusparselt] [--no-triton] [--no-cuda] [--no-isolate]
+        [--worker-timeout 1800]
 
 For every shape and token count: time every candidate (tuning pass), then time the best of each
 backend again with more repeats (final pass; these are the reported rows), plus `dispatch` (the best
 final backend, dense allowed: what SparseLinear runs) and `dispatch_sparse` (best sparse-only backend).
-Rows of backend `ours_noperm` / `cusparselt_noperm` show the same best configs without the channel
-permutation. Weights are random 2:4 in a random permuted order, inputs random (never zeros).
+Backends: `ours` (Triton kernels), `ours_cuda` (the CUDA decode kernel on sparse tensor cores, 1-16
+tokens), `cusparselt`, `decompress_dense`. Rows of backend `ours_noperm` / `ours_cuda_noperm` /
+`cusparselt_noperm` show the same best configs without the channel permutation. Weights are random 2:4 in a random permuted order, inputs random (never zeros).
 cuSPARSELt is tried from 64 tokens up (autotune.cslt_candidates says why); each model runs in its own
 worker process, rerun without cuSPARSELt if it faults or outlives --worker-timeout.
 Besides the CSV it writes <out>.meta.json (command, device, versions, measured ceilings) and
@@ -35,7 +37,7 @@ CSV_COLUMNS = [
     "median_us", "p10_us", "p90_us", "ratio_vs_dense", "bytes", "tb_s", "tflop_s", "limit_us",
     "frac_of_limit", "ratio_limit", "rot_sets", "set_mb", "graph", "reps", "rel_err", "device",
 ]
-SPARSE_BACKENDS = ("ours", "cusparselt", "decompress_dense")
+SPARSE_BACKENDS = ("ours", "ours_cuda", "cusparselt", "decompress_dense")
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -68,7 +70,8 @@ def row_metrics(n: int, k: int, tokens: int, backend: str, median_us: float, cei
 
 
 def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps: int, final_reps: int, seed: int,
-                  include_cslt: bool, emit_row, emit_tuning, log=print) -> None:
+                  include_cslt: bool, emit_row, emit_tuning, log=print, include_triton: bool = True,
+                  include_cuda: bool = True) -> None:
     """Tune and measure one shape at every token count; rows and tuning records go out as they come."""
     from .autotune import ShapeBench, best_of, tune_tokens
     from .triton_sp24 import KernelConfig
@@ -83,7 +86,8 @@ def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps
             emit_tuning({"shape": shape.name, "tokens": t, **m.to_dict()})
             if m.timing is None:
                 log(f"    FAIL {m.backend} {m.label}: {m.error}")
-        all_meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log, on_result=record)
+        all_meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log, on_result=record,
+                               include_triton=include_triton, include_cuda=include_cuda)
         final = []
         dense = bench.time_dense(t, reps=final_reps)
         final.append(dense)
@@ -92,6 +96,13 @@ def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps
             cfg = KernelConfig.from_dict(best_ours.config)
             final.append(bench.time_ours(cfg, t, reps=final_reps))
             final.append(bench.time_ours(cfg, t, reps=final_reps, with_perm=False))
+        best_cuda = best_of(all_meas, ("ours_cuda",))
+        if best_cuda is not None:
+            from .cuda_sp24 import CudaConfig
+
+            ccfg = CudaConfig.from_dict(best_cuda.config)
+            final.append(bench.time_cuda(ccfg, t, reps=final_reps))
+            final.append(bench.time_cuda(ccfg, t, reps=final_reps, with_perm=False))
         best_cslt = best_of(all_meas, ("cusparselt",))
         if best_cslt is not None:
             alg, split = best_cslt.config["alg_id"], best_cslt.config["split_k"]
@@ -125,7 +136,8 @@ def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps
             emit_row(row)
         log(f"{shape.name:22s} T={t:5d} dense {dense_us:9.2f}us | dispatch {dispatch.backend}:{dispatch.label} "
             f"{dense_us / dispatch.timing.median_us:5.2f}x | ours "
-            f"{(dense_us / best_ours.timing.median_us) if best_ours else float('nan'):5.2f}x (tune) | cslt "
+            f"{(dense_us / best_ours.timing.median_us) if best_ours else float('nan'):5.2f}x (tune) | cuda "
+            f"{(dense_us / best_cuda.timing.median_us) if best_cuda else float('nan'):5.2f}x (tune) | cslt "
             f"{(dense_us / best_cslt.timing.median_us) if best_cslt else float('nan'):5.2f}x (tune)  "
             f"[{time.time() - t_start:.0f}s]")
     bench.release()
@@ -148,7 +160,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: int = 10, final_reps: int = 30,
         seed: int = 0, log=print, isolate: bool = True, include_cslt: bool = True,
-        worker_timeout: float = 1800.0) -> list[dict]:
+        worker_timeout: float = 1800.0, include_triton: bool = True, include_cuda: bool = True) -> list[dict]:
     """The whole benchmark. With isolate, each model runs in its own process, killed after
     worker_timeout seconds: a device fault or a hang (both seen inside cuSPARSELt on the H200) then
     costs that model's cuSPARSELt rows only, as it is rerun without them."""
@@ -181,7 +193,8 @@ def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: in
         if not isolate:
             for s in group:
                 measure_shape(s, tokens, ceilings, dev, tune_reps, final_reps, seeds[s.name], include_cslt,
-                              _jsonl_appender(rows_path), _jsonl_appender(tuning_path), log)
+                              _jsonl_appender(rows_path), _jsonl_appender(tuning_path), log,
+                              include_triton=include_triton, include_cuda=include_cuda)
             continue
         ceil_path = out_csv.with_suffix(".ceilings.json")
         ceil_path.write_text(json.dumps({"ceilings": ceilings, "device": dev}))
@@ -192,6 +205,10 @@ def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: in
                    "--tune-reps", str(tune_reps), "--final-reps", str(final_reps), "--seed", str(seed)]
             if not with_cslt:
                 cmd.append("--no-cslt")
+            if not include_triton:
+                cmd.append("--no-triton")
+            if not include_cuda:
+                cmd.append("--no-cuda")
             try:
                 returncode = subprocess.run(cmd, timeout=worker_timeout).returncode
             except subprocess.TimeoutExpired:
@@ -231,7 +248,8 @@ def _worker(args) -> int:
         seed = args.seed + (ALL_SHAPES.index(shape) if shape in ALL_SHAPES else 0)
         measure_shape(shape, parse_tokens(args.tokens), info["ceilings"], info["device"], args.tune_reps,
                       args.final_reps, seed, not args.no_cslt, _jsonl_appender(rows_path),
-                      _jsonl_appender(tuning_path), log)
+                      _jsonl_appender(tuning_path), log, include_triton=not args.no_triton,
+                      include_cuda=not args.no_cuda)
     return 0
 
 
@@ -249,7 +267,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def print_summary(rows: list[dict], log=print) -> None:
     """Ratio vs dense of `ours` and `dispatch` per shape (rows) and token count (columns)."""
     toks = sorted({r["tokens"] for r in rows})
-    for backend in ("ours", "cusparselt", "dispatch"):
+    for backend in ("ours", "ours_cuda", "ours_cuda_noperm", "cusparselt", "dispatch"):
         log(f"\nratio vs dense, backend={backend}")
         log("shape".ljust(24) + "".join(f"{t:>7d}" for t in toks))
         for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -272,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-cslt", "--no-cusparselt", dest="no_cslt", action="store_true",
                     help="leave PyTorch's cuSPARSELt out (its algorithm sweep hung on the H200 at 16 tokens)")
+    ap.add_argument("--no-triton", action="store_true", help="leave the Triton kernels out of the candidates")
+    ap.add_argument("--no-cuda", action="store_true", help="leave the CUDA decode kernel out of the candidates")
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args)
     run(args.shapes, parse_tokens(args.tokens), args.out, args.tune_reps, args.final_reps, args.seed,
         log=lambda s: print(s, flush=True), isolate=not args.no_isolate, include_cslt=not args.no_cslt,
-        worker_timeout=args.worker_timeout)
+        worker_timeout=args.worker_timeout, include_triton=not args.no_triton, include_cuda=not args.no_cuda)
     return 0
 
 

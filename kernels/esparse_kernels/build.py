@@ -159,8 +159,8 @@ def _tune_shape_cuda(p: Packed24, buckets: tuple[int, ...], device: torch.device
     out = {}
     for t in buckets:
         meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log)
-        best = best_of(meas, ("dense", "ours", "cusparselt", "decompress_dense"))
-        best_sparse = best_of(meas, ("ours", "cusparselt", "decompress_dense"))
+        best = best_of(meas, ("dense", "ours", "ours_cuda", "cusparselt", "decompress_dense"))
+        best_sparse = best_of(meas, ("ours", "ours_cuda", "cusparselt", "decompress_dense"))
         cands = [m.to_dict() for m in meas]
         entry = {"candidates": cands}
         for key, m in (("best", best), ("sparse_only", best_sparse)):

@@ -5,11 +5,12 @@ is allocated at construction (split-K partials and zeroed ticket counters, the p
 buffer), so the hot path has no host synchronisation and no cudaMalloc: outputs come from PyTorch's
 caching allocator, which CUDA-graph capture supports, and whole models can be captured.
 
-Backends: ``ours`` (Triton kernels), ``dense`` (cuBLAS on a dense copy of the masked weight: only kept
-when the plan picks dense somewhere and ``allow_dense`` is true, and it costs the dense weight's
-memory), ``cusparselt`` (compressed copy made at construction), ``decompress_dense`` (Triton decompress
-into a scratch buffer shared by all layers of one shape, then cuBLAS) and ``reference`` (plain PyTorch;
-used on CPU and for CPU-reference plans).
+Backends: ``ours`` (Triton kernels), ``ours_cuda`` (the CUDA decode kernel on sparse tensor cores,
+1-16 tokens; token counts beyond its bucket fall back to ``decompress_dense``), ``dense`` (cuBLAS on
+a dense copy of the masked weight: only kept when the plan picks dense somewhere and ``allow_dense``
+is true, and it costs the dense weight's memory), ``cusparselt`` (compressed copy made at
+construction), ``decompress_dense`` (Triton decompress into a scratch buffer shared by all layers of
+one shape, then cuBLAS) and ``reference`` (plain PyTorch; used on CPU and for CPU-reference plans).
 """
 
 from __future__ import annotations
@@ -99,6 +100,19 @@ class SparseLinear(nn.Module):
                 else:
                     big = None
                 self._routes.append(("ours", cfg, ws, big, size))
+            elif backend == "ours_cuda":
+                from . import cuda_sp24
+
+                if (not cuda_sp24.available()
+                        or not cuda_sp24.supports_shape(self.out_features, self.in_features, self.values.dtype)):
+                    self._routes.append(("decompress_dense",))  # the extension cannot run here
+                    continue
+                cfg = cuda_sp24.CudaConfig.from_dict(spec["config"])
+                if not cfg.supports(size):
+                    raise ConfigError(f"plan gives {cfg.label} for a bucket of {size} tokens it cannot run")
+                ws = cuda_sp24.CudaWorkspace(cfg, self.out_features, size, device, self.in_features,
+                                             self.values.dtype)
+                self._routes.append(("ours_cuda", cfg, ws, size))
             elif backend == "dense":
                 if self._dense_weight is None:
                     self._dense_weight = unpack_24(self.packed).contiguous()
@@ -155,6 +169,10 @@ class SparseLinear(nn.Module):
                 y = sp24_matmul(x2, self.packed, big, ws_big)
             else:
                 y = sp24_matmul(x2, self.packed, cfg, ws)
+        elif kind == "ours_cuda" and t <= route[3]:
+            from .cuda_sp24 import sp24_cuda_matmul
+
+            y = sp24_cuda_matmul(x2, self.packed, route[1], route[2])
         elif kind == "dense":
             y = torch.mm(x2, self._dense_weight.t())
         elif kind == "cusparselt":
@@ -169,7 +187,7 @@ class SparseLinear(nn.Module):
             else:
                 src = x2
             y = cslt.mm(self._cslt_weight, src[:rows], alg_id=route[1], split_k=route[2])[:t]
-        elif kind == "decompress_dense":
+        elif kind in ("decompress_dense", "ours_cuda"):  # ours_cuda past its bucket: decompress
             from .triton_sp24 import sp24_decompress
 
             dense = _scratch("dense_w", (self.out_features, self.in_features), x2.dtype, x2.device)

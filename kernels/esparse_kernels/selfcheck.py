@@ -1,6 +1,6 @@
 """Exactness check of every kernel path against the masked dense reference on the current device.
 
-    python -m esparse_kernels.selfcheck [--out check.json]
+    python -m esparse_kernels.selfcheck [--out check.json] [--backends triton,cuda]
 
 Fresh random weights, 2:4 masks in random permuted orders, inputs and permutations for each case;
 outputs poisoned with NaN before each run; each split-K case is run several times in a row (the
@@ -90,21 +90,91 @@ def run(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: i
             "results": results}
 
 
+def cuda_cases(dtype: torch.dtype):
+    from .cuda_sp24 import CudaConfig
+
+    shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
+    configs = [CudaConfig(4, 1, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(4, 3, 4), CudaConfig(2, 16, 8),
+               CudaConfig(8, 2, 4, pre=True)]
+    if dtype != torch.float16:
+        configs = configs[:2]
+    tokens = [1, 2, 3, 7, 8, 9, 15, 16]
+    for shape in shapes:
+        for cfg in configs:
+            for t in tokens:
+                yield shape, cfg, t
+
+
+def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 3) -> dict:
+    """The CUDA decode kernel (cuda_sp24) against the reference; same rules as ``run``."""
+    from .cuda_sp24 import CudaWorkspace, meta_variant, sp24_cuda_matmul
+
+    results, failures = [], []
+    gen = torch.Generator().manual_seed(4321)
+    packed_cache = {}
+    variant = meta_variant()
+    for dtype in dtypes:
+        for (n, k), cfg, t in cuda_cases(dtype):
+            for with_perm in (True, False):
+                key = (n, k, dtype, with_perm)
+                if key not in packed_cache:
+                    w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen, with_perm=with_perm)
+                    packed_cache[key] = pack_24(w, mask, perm).to(device)
+                packed = packed_cache[key]
+                x = torch.randn(t, k, generator=gen).to(dtype).to(device)
+                ref = reference_linear(x, packed)
+                ws = CudaWorkspace(cfg, n, t, device, k, dtype)
+                outs = []
+                for _ in range(repeats):
+                    out = torch.full((t, n), float("nan"), dtype=dtype, device=device)
+                    sp24_cuda_matmul(x, packed, cfg, ws, out=out)
+                    outs.append(out)
+                torch.cuda.synchronize()
+                err = max(rel_frobenius_error(o, ref) for o in outs)
+                stable = all(torch.equal(outs[0], o) for o in outs[1:])
+                counters_zero = int(ws.counters.abs().sum()) == 0
+                tol = TOL if dtype == torch.float16 else 8 * TOL
+                rec = {"case": f"cuda {cfg.label} {n}x{k} T={t} perm={int(with_perm)} {dtype}", "rel_err": err,
+                       "stable": stable, "counters_zero": counters_zero, "tol": tol}
+                results.append(rec)
+                if not (err < tol and stable and counters_zero):
+                    failures.append(rec)
+    fp16 = [r["rel_err"] for r in results if "float16" in r["case"] and "bfloat16" not in r["case"]]
+    bf16 = [r["rel_err"] for r in results if "bfloat16" in r["case"]]
+    return {"device": torch.cuda.get_device_name(), "meta_variant": variant, "cases": len(results),
+            "failures": failures, "max_rel_err_fp16": max(fp16, default=None),
+            "max_rel_err_bf16": max(bf16, default=None), "results": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m esparse_kernels.selfcheck")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--backends", default="triton,cuda", help="comma-separated: triton, cuda")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("selfcheck needs CUDA", file=sys.stderr)
         return 2
-    report = run()
-    print(f"selfcheck on {report['device']}: {report['cases']} cases, {len(report['failures'])} failures, "
-          f"max rel err fp16 {report['max_rel_err_fp16']:.2e}, bf16 {report['max_rel_err_bf16']:.2e}")
-    for f in report["failures"][:20]:
-        print("FAIL", f)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    reports, failed = {}, 0
+    for backend in backends:
+        if backend == "triton":
+            report = run()
+        elif backend == "cuda":
+            report = run_cuda()
+        else:
+            print(f"unknown backend {backend!r} (allowed: triton, cuda)", file=sys.stderr)
+            return 2
+        reports[backend] = report
+        failed += len(report["failures"])
+        extra = f", metadata layout {report['meta_variant']}" if "meta_variant" in report else ""
+        print(f"selfcheck {backend} on {report['device']}: {report['cases']} cases, {len(report['failures'])} "
+              f"failures, max rel err fp16 {report['max_rel_err_fp16']:.2e}, bf16 {report['max_rel_err_bf16']:.2e}"
+              f"{extra}")
+        for f in report["failures"][:20]:
+            print("FAIL", f)
     if args.out:
-        args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    return 1 if report["failures"] else 0
+        args.out.write_text(json.dumps(reports, indent=1, default=str) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,460 @@
+// Decode kernel (1-16 tokens) for the packed 2:4 format on the sparse tensor cores (mma.sp, sm_80+).
+//
+// out[T, N] = x[T, K] @ W^T with W the masked weight, stored as pack.py describes: values [N, K/2]
+// (two kept values per group of 4 permuted columns) and 2-bit in-group indices, 8 groups per int32
+// word. The warp-level sparse MMA m16n8k32 takes exactly that: 16 rows x 16 kept values of the
+// weight (the A operand), their 2-bit indices (the metadata operand) and a dense 32 x 8 block of
+// activations (B: 32 input columns x 8 tokens). So the only CUDA-core work per kept value is moving
+// bytes: the tensor core does the selection, the products and the fp32 accumulation.
+//
+// Column mapping. An MMA's 32 logical input columns (8 groups of 4) may be any 8 groups of the
+// row, as long as A, the metadata and B agree. Each thread loads 16 contiguous bytes of a row
+// (4 groups); the 4 threads of a quad cover 64 contiguous columns ("chunk", 16 groups), and one
+// chunk feeds two MMAs (j = 0, 1). Logical group G (0..7) of MMA j is actual group
+//     a(G, j) = (G % 4) * 4 + 2 * j + G / 4
+// of the chunk, which puts each thread's A registers in place with no data movement. The staged
+// activations (B) and the metadata words follow the same mapping; the metadata needs a few shifts.
+//
+// Activations. Each CTA first stages x[t, perm[col]] for its K range into shared memory, already
+// in B-fragment order (one 16-byte shared load per thread and MMA), so the permutation costs one
+// gather per column and CTA instead of one per kept value, and the weight stream is read once with
+// 16-byte loads. The first weight loads are issued before the staging, so the two overlap.
+//
+// Split-K. blockIdx.y splits the 64-column chunks; partials go to a fp32 workspace and the last CTA
+// of each row tile (an atomic ticket) sums them in split order, writes the output and resets its
+// counter: one launch, deterministic, no memset, graph-capturable.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace esparse_sp24 {
+
+struct Params {
+  const uint16_t* x;       // [T, ldx] fp16/bf16 bits
+  const int32_t* perm;     // [K] or nullptr
+  const uint8_t* vals;     // [N, K/2] fp16/bf16 (row stride K bytes)
+  const uint32_t* meta;    // [N, K/32]
+  uint16_t* out;           // [T, ldo]
+  float* ws;               // [splits, T, N] fp32 partials (splits > 1)
+  int* counters;           // [row tiles], zero between launches
+  int n, k, t, ldx, ldo;
+  int nchunks;             // K / 64
+  int chunks_per_split;
+  int splits;
+  int meta_variant;        // 0: quad threads 0/1 hold k-halves of rows g and g+8; 1: rows g / g+8
+  const uint4* xfrag;      // x already in B-fragment order for all of K (sp24_stage_kernel), or nullptr
+};
+
+template <bool BF16>
+__device__ __forceinline__ void mma_sp(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       const uint4& b, uint32_t e) {
+  if constexpr (BF16) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e));
+  } else {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e));
+  }
+}
+
+// Streamed once per call: skip L1, ask L2 for whole 256-byte lines (the next loads of the row).
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 load_stream8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];\n"
+               : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+// Metadata nibbles of one row pair of words (w.x: chunk groups 0..7, w.y: groups 8..15), shifted
+// right by `shift` (0 or 4 bits): byte j (j = 0, 1) of the result holds the nibbles of groups
+// 2j + shift/4 and 2j + shift/4 + 4 of w.x; byte j of `hi` the same groups of w.y.
+__device__ __forceinline__ void meta_bytes(uint2 w, uint32_t shift, uint32_t& lo, uint32_t& hi) {
+  const uint32_t m0 = (w.x >> shift) & 0x0F0F0F0Fu;
+  const uint32_t m1 = (w.y >> shift) & 0x0F0F0F0Fu;
+  lo = m0 | (m0 >> 12);
+  hi = m1 | (m1 >> 12);
+}
+
+__device__ __forceinline__ uint32_t comp(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+__device__ __forceinline__ uint16_t to_bits(float v, bool bf16) {
+  if (bf16) {
+    __nv_bfloat16 h = __float2bfloat16_rn(v);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+  __half h = __float2half_rn(v);
+  return *reinterpret_cast<uint16_t*>(&h);
+}
+
+template <bool BF16, int NT, int D>
+__global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
+  extern __shared__ uint4 xs[];  // [chunks][2][T][4] uint4 = B fragments
+  __shared__ int s_last;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  const int T = p.t;
+  const int c_begin = blockIdx.y * p.chunks_per_split;
+  const int nc = min(p.chunks_per_split, p.nchunks - c_begin);
+  const int tile_rows = 16 * nwarps;
+  const int row0 = blockIdx.x * tile_rows + warp * 16;
+  // rows past N read row N-1 (valid data and valid metadata); their results are never stored
+  const int ra = min(row0 + gid, p.n - 1);
+  const int rb = min(row0 + gid + 8, p.n - 1);
+  const int mwords = p.k >> 5;
+  const uint8_t* pa = p.vals + (size_t)ra * p.k + (size_t)c_begin * 64 + tig * 16;
+  const uint8_t* pb = p.vals + (size_t)rb * p.k + (size_t)c_begin * 64 + tig * 16;
+  // Metadata: with sparsity selector 0, quad threads 0 and 1 supply the MMA's metadata. Variant 0:
+  // thread h holds logical groups 4h..4h+3 of row g (bits 0-15) and of row g+8 (bits 16-31).
+  // Variant 1: thread h holds all 8 logical groups of row g + 8h. Threads 2, 3 mirror 0, 1.
+  const uint32_t h = (uint32_t)(tig & 1);
+  const bool by_rows = p.meta_variant == 1;
+  const int rx = by_rows ? (h ? rb : ra) : ra;
+  const int ry = by_rows ? rx : rb;
+  const uint32_t sx = by_rows ? 0u : 4u * h;
+  const uint32_t sy = by_rows ? 4u : 4u * h;
+  const uint32_t* mx = p.meta + (size_t)rx * mwords + (size_t)c_begin * 2;
+  const uint32_t* my = p.meta + (size_t)ry * mwords + (size_t)c_begin * 2;
+
+  uint4 va[D], vb[D];
+  uint2 wx[D], wy[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    if (d < nc) {
+      va[d] = load_stream16(pa + d * 64);
+      vb[d] = load_stream16(pb + d * 64);
+      wx[d] = load_stream8(mx + d * 2);
+      wy[d] = load_stream8(my + d * 2);
+    }
+  }
+
+  // Stage x[t, perm[col]] for this split's columns in B-fragment order. Column col of chunk c is in
+  // actual group a = (col % 64) / 4 at position pos; logical group G = (a & 1) * 4 + (a >> 2) of
+  // MMA j = (a >> 1) & 1; logical k = 4G + pos sits in thread tig = (k & 7) >> 1, element
+  // e = (k >> 3) * 2 + (k & 1) of that thread's 8 halves. The gathers go in batches of SU columns
+  // x ST tokens per thread, all loads of a batch in flight together (a dependent load per column
+  // and token would cost one L2 round trip each, which dominated the first version).
+  if (p.xfrag != nullptr) {
+    // x was put in fragment order by sp24_stage_kernel: this split's slice is contiguous
+    const uint4* src = p.xfrag + (size_t)c_begin * 2 * T * 4;
+    const int slots = nc * 2 * T * 4;
+    for (int q0 = threadIdx.x; q0 < slots; q0 += 4 * blockDim.x) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = q0 + u * blockDim.x;
+        if (q < slots) v[u] = __ldcg(src + q);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = q0 + u * blockDim.x;
+        if (q < slots) xs[q] = v[u];
+      }
+    }
+  } else {
+    constexpr int SU = NT == 1 ? 8 : 2, ST = NT == 1 ? 2 : 8;  // 16 gathers in flight
+    uint16_t* xsh = reinterpret_cast<uint16_t*>(xs);
+    const int ncols = nc * 64;
+    const int col0 = c_begin * 64;
+    const int stride = blockDim.x;
+    for (int i0 = threadIdx.x; i0 < ncols; i0 += SU * stride) {
+      int src[SU], base[SU];
+#pragma unroll
+      for (int u = 0; u < SU; ++u) {
+        const int i = min(i0 + u * stride, ncols - 1);  // past the end: redo the last column
+        const int c = i >> 6;
+        const int a = (i & 63) >> 2;
+        const int pos = i & 3;
+        const int g = ((a & 1) << 2) | (a >> 2);
+        const int j = (a >> 1) & 1;
+        const int kk = 4 * g + pos;
+        const int tq = (kk & 7) >> 1;
+        const int e = ((kk >> 3) << 1) | (kk & 1);
+        src[u] = p.perm ? __ldg(p.perm + col0 + i) : col0 + i;
+        base[u] = ((c * 2 + j) * T) * 32 + tq * 8 + e;  // in halves: slot ((c*2+j)*T+t)*4+tq
+      }
+      for (int t0 = 0; t0 < T; t0 += ST) {
+        uint16_t v[SU][ST];
+#pragma unroll
+        for (int u = 0; u < SU; ++u) {
+#pragma unroll
+          for (int tt = 0; tt < ST; ++tt) {
+            if (t0 + tt < T) v[u][tt] = __ldg(p.x + (size_t)(t0 + tt) * p.ldx + src[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < SU; ++u) {
+#pragma unroll
+          for (int tt = 0; tt < ST; ++tt) {
+            if (t0 + tt < T) xsh[base[u] + (t0 + tt) * 32] = v[u][tt];
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+  }
+  // B fragment of token t: lanes of tokens >= T read token T-1 instead (column n of the MMA's
+  // result depends on column n of B only, and those columns are never stored)
+  const uint4* xq[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xq[nt] = xs + min(nt * 8 + gid, T - 1) * 4 + tig;
+  const int slot_t = 4 * T;  // uint4 slots per (chunk, j)
+
+  // one chunk: two MMAs (j = 0, 1) per token tile
+  auto consume = [&](int c, const uint4& a4, const uint4& b4, const uint2& w0, const uint2& w1) {
+    uint32_t x0, x1, y0, y1;
+    meta_bytes(w0, sx, x0, x1);
+    meta_bytes(w1, sy, y0, y1);
+    const uint32_t lx = prmt(x0, x1, 0x5140);  // [x0.b0, x1.b0, x0.b1, x1.b1]
+    const uint32_t ly = prmt(y0, y1, 0x5140);
+    const uint32_t e[2] = {prmt(lx, ly, 0x5410), prmt(lx, ly, 0x7632)};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t a0 = comp(a4, 2 * j), a1 = comp(b4, 2 * j);
+      const uint32_t a2 = comp(a4, 2 * j + 1), a3 = comp(b4, 2 * j + 1);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 b = xq[nt][(c * 2 + j) * slot_t];
+        mma_sp<BF16>(acc[nt], a0, a1, a2, a3, b, e[j]);
+      }
+    }
+  };
+
+  // steady state: every reload is in range; then the last (< 2D) chunks with guards
+  int c0 = 0;
+  const uint8_t* qa = pa + D * 64;  // running pointers to the chunks being reloaded
+  const uint8_t* qb = pb + D * 64;
+  const uint32_t* qx = mx + D * 2;
+  const uint32_t* qy = my + D * 2;
+  for (; c0 + 2 * D <= nc; c0 += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      consume(c0 + d, va[d], vb[d], wx[d], wy[d]);
+      va[d] = load_stream16(qa + d * 64);
+      vb[d] = load_stream16(qb + d * 64);
+      wx[d] = load_stream8(qx + d * 2);
+      wy[d] = load_stream8(qy + d * 2);
+    }
+    qa += D * 64;
+    qb += D * 64;
+    qx += D * 2;
+    qy += D * 2;
+  }
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    if (c0 + d < nc) {
+      consume(c0 + d, va[d], vb[d], wx[d], wy[d]);
+      if (c0 + d + D < nc) {
+        va[d] = load_stream16(pa + (c0 + d + D) * 64);
+        vb[d] = load_stream16(pb + (c0 + d + D) * 64);
+        wx[d] = load_stream8(mx + (c0 + d + D) * 2);
+        wy[d] = load_stream8(my + (c0 + d + D) * 2);
+      }
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    if (c0 + D + d < nc) consume(c0 + D + d, va[d], vb[d], wx[d], wy[d]);
+  }
+
+  // accumulator fragment: acc[nt][0..1] -> row gid, tokens nt*8 + 2*tig + {0,1}; [2..3] -> row gid+8
+  const int rows[2] = {row0 + gid, row0 + gid + 8};
+  if (p.splits == 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = rows[i >> 1];
+        const int t = nt * 8 + 2 * tig + (i & 1);
+        if (r < p.n && t < T) p.out[(size_t)t * p.ldo + r] = to_bits(acc[nt][i], BF16);
+      }
+    }
+    return;
+  }
+  float* part = p.ws + (size_t)blockIdx.y * T * p.n;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = rows[i >> 1];
+      const int t = nt * 8 + 2 * tig + (i & 1);
+      if (r < p.n && t < T) __stcg(part + (size_t)t * p.n + r, acc[nt][i]);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Sum the partials in split order (deterministic), four splits and two outputs per thread at a
+  // time so that the loads are in flight together.
+  const int tile0 = blockIdx.x * tile_rows;
+  const int outputs = tile_rows * T;
+  for (int i0 = threadIdx.x; i0 < outputs; i0 += 2 * blockDim.x) {
+    float sum[2];
+#pragma unroll
+    for (int o = 0; o < 2; ++o) {
+      const int idx = min(i0 + o * (int)blockDim.x, outputs - 1);
+      const int r = min(tile0 + idx % tile_rows, p.n - 1);
+      const int t = idx / tile_rows;
+      const float* src = p.ws + (size_t)t * p.n + r;
+      const size_t step = (size_t)T * p.n;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      int sp = 0;
+      for (; sp + 4 <= p.splits; sp += 4) {
+        s0 += __ldcg(src + sp * step);
+        s1 += __ldcg(src + (sp + 1) * step);
+        s2 += __ldcg(src + (sp + 2) * step);
+        s3 += __ldcg(src + (sp + 3) * step);
+      }
+      for (; sp < p.splits; ++sp) s0 += __ldcg(src + sp * step);
+      sum[o] = (s0 + s1) + (s2 + s3);
+    }
+#pragma unroll
+    for (int o = 0; o < 2; ++o) {
+      const int idx = i0 + o * (int)blockDim.x;
+      const int r = tile0 + idx % tile_rows;
+      if (idx < outputs && r < p.n) p.out[(size_t)(idx / tile_rows) * p.ldo + r] = to_bits(sum[o], BF16);
+    }
+  }
+  if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
+}
+
+// x[t, perm[col]] for all of K in B-fragment order: slot ((c*2 + j)*T + t)*4 + tq holds the 8 halves
+// of thread tq for chunk c, MMA j, token t (the layout the decode kernel stages in shared memory).
+// One 16-byte store per thread, its 8 gathers in flight together.
+__global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restrict__ x, const int32_t* perm,
+                                                        uint4* __restrict__ xfrag, int k, int t_count, int ldx) {
+  const int slots = (k / 64) * 2 * t_count * 4;
+  const int q = blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= slots) return;
+  const int tq = q & 3;
+  const int rest = q >> 2;
+  const int t = rest % t_count;
+  const int cj = rest / t_count;
+  const int j = cj & 1;
+  const int c = cj >> 1;
+  uint16_t h[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int kk = 2 * tq + (e & 1) + 8 * (e >> 1);  // logical k of element e
+    const int g = kk >> 2;                          // logical group
+    const int a = (g & 3) * 4 + 2 * j + (g >> 2);   // actual group in the chunk
+    const int col = c * 64 + 4 * a + (kk & 3);
+    const int src = perm ? __ldg(perm + col) : col;
+    h[e] = __ldg(x + (size_t)t * ldx + src);
+  }
+  uint4 v;
+  v.x = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+  v.y = (uint32_t)h[2] | ((uint32_t)h[3] << 16);
+  v.z = (uint32_t)h[4] | ((uint32_t)h[5] << 16);
+  v.w = (uint32_t)h[6] | ((uint32_t)h[7] << 16);
+  xfrag[q] = v;
+}
+
+template <bool BF16, int NT, int D>
+static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  auto kern = sp24_mma_kernel<BF16, NT, D>;
+  static bool configured = false;  // raise the dynamic shared-memory limit once per instantiation
+  if (!configured) {
+    int dev = 0, optin = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           optin - 1024);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  kern<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Returns cudaSuccess or the launch error. Requirements (checked by the caller): K % 64 == 0,
+// 1 <= T <= 16, splits >= 1, warps in {1..8}, depth in {4, 8}; ws holds splits*T*N floats and
+// counters ceil(N / (16*warps)) zeroed ints when splits > 1.
+cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
+                            void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
+                            int splits, int warps, int depth, int meta_variant, bool bf16,
+                            const void* xfrag, cudaStream_t stream, size_t* smem_out) {
+  Params p;
+  p.xfrag = static_cast<const uint4*>(xfrag);
+  p.x = static_cast<const uint16_t*>(x);
+  p.perm = perm;
+  p.vals = static_cast<const uint8_t*>(vals);
+  p.meta = meta;
+  p.out = static_cast<uint16_t*>(out);
+  p.ws = ws;
+  p.counters = counters;
+  p.n = n;
+  p.k = k;
+  p.t = t;
+  p.ldx = ldx;
+  p.ldo = ldo;
+  p.nchunks = k / 64;
+  p.chunks_per_split = (p.nchunks + splits - 1) / splits;
+  p.splits = (p.nchunks + p.chunks_per_split - 1) / p.chunks_per_split;  // no empty split
+  p.meta_variant = meta_variant;
+  const int tile_rows = 16 * warps;
+  dim3 grid((n + tile_rows - 1) / tile_rows, p.splits);
+  const size_t smem = (size_t)p.chunks_per_split * 64 * t * 2;
+  if (smem_out) *smem_out = smem;
+  const int threads = 32 * warps;
+  const bool two = t > 8;
+  if (bf16) {
+    if (two) return depth == 8 ? launch_one<true, 2, 8>(p, grid, threads, smem, stream)
+                               : launch_one<true, 2, 4>(p, grid, threads, smem, stream);
+    return depth == 8 ? launch_one<true, 1, 8>(p, grid, threads, smem, stream)
+                      : launch_one<true, 1, 4>(p, grid, threads, smem, stream);
+  }
+  if (two) return depth == 8 ? launch_one<false, 2, 8>(p, grid, threads, smem, stream)
+                             : launch_one<false, 2, 4>(p, grid, threads, smem, stream);
+  return depth == 8 ? launch_one<false, 1, 8>(p, grid, threads, smem, stream)
+                    : launch_one<false, 1, 4>(p, grid, threads, smem, stream);
+}
+
+cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
+                              cudaStream_t stream) {
+  const int slots = (k / 64) * 2 * t * 4;
+  sp24_stage_kernel<<<(slots + 255) / 256, 256, 0, stream>>>(static_cast<const uint16_t*>(x), perm,
+                                                           static_cast<uint4*>(xfrag), k, t, ldx);
+  return cudaGetLastError();
+}
+
+int sp24_effective_splits(int k, int splits) {
+  const int nchunks = k / 64;
+  const int cps = (nchunks + splits - 1) / splits;
+  return (nchunks + cps - 1) / cps;
+}
+
+}  // namespace esparse_sp24

@@ -1,0 +1,141 @@
+"""The CUDA decode kernel (esparse_kernels.cuda_sp24): its index arithmetic on the CPU through the
+emulator, its configuration logic, and (with a GPU) the compiled kernel against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import esparse_kernels.cuda_sp24 as cs
+from esparse.errors import ConfigError
+from esparse_kernels.cuda_sp24 import CudaConfig, cuda_candidates, effective_splits, emulate, smem_bytes
+from esparse_kernels.linear import SparseLinear
+from esparse_kernels.pack import pack_24, random_24_weight, reference_linear, rel_frobenius_error
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("n,k,tokens,cfg,with_perm", [
+    (40, 192, 3, CudaConfig(2, 2, 4), True),   # row tail inside a warp, 2 splits
+    (16, 128, 1, CudaConfig(1, 1, 4), False),  # one token, no permutation
+    (24, 256, 11, CudaConfig(1, 3, 8), True),  # two token tiles, uneven split (4 chunks over 3)
+])
+@pytest.mark.parametrize("variant", [0, 1])
+def test_emulated_kernel_matches_reference(n, k, tokens, cfg, with_perm, variant):
+    gen = torch.Generator().manual_seed(n * 7 + tokens)
+    w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen, with_perm=with_perm)
+    packed = pack_24(w, mask, perm)
+    x = torch.randn(tokens, k, generator=gen).half()
+    assert rel_frobenius_error(emulate(x, packed, cfg, variant), reference_linear(x, packed)) < 1e-12
+
+
+def test_emulator_detects_a_wrong_metadata_layout(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    w, mask, perm = random_24_weight(16, 128, torch.float16, "cpu", gen)
+    packed = pack_24(w, mask, perm)
+    x = torch.randn(2, 128, generator=gen).half()
+    original = cs._mma_sp_reference
+    monkeypatch.setattr(cs, "_mma_sp_reference", lambda a, b, e, v: original(a, b, e, 1 - v))
+    assert rel_frobenius_error(emulate(x, packed, CudaConfig(1, 1, 4), 0), reference_linear(x, packed)) > 0.1
+
+
+@pytest.mark.parametrize("tokens,with_perm", [(1, True), (3, False), (9, True)])
+def test_pre_staging_matches_per_cta_staging(tokens, with_perm):
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 192, generator=gen).half()
+    perm = torch.randperm(192, generator=gen).to(torch.int32) if with_perm else None
+    assert torch.equal(cs.emulate_stage(x, perm), cs.staged_by_columns(x, perm))
+
+
+def test_config_and_splits():
+    cfg = CudaConfig(8, 4, 8)
+    assert CudaConfig.from_dict(cfg.to_dict()) == cfg and cfg.label == "mma_w8_sk4_d8"
+    pre = CudaConfig(8, 4, 8, pre=True)
+    assert CudaConfig.from_dict(pre.to_dict()) == pre and pre.label == "mma_w8_sk4_d8_pre"
+    assert cfg.supports(1) and cfg.supports(16) and not cfg.supports(17)
+    for bad in ({"warps": 0}, {"warps": 9}, {"split_k": 0}, {"depth": 6}):
+        with pytest.raises(ConfigError):
+            CudaConfig(**bad)
+    assert effective_splits(4096, 3) == 3 and effective_splits(384, 16) == 6  # never an empty split
+    assert effective_splits(256, 3) == 2  # 4 chunks: 2 per split
+    assert smem_bytes(4096, 4, 16) == 1024 * 16 * 2
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (22016, 8192), (8192, 22016)])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_candidates_fit_the_device(n, k, tokens):
+    cands = cuda_candidates(n, k, tokens, n_sms=132)
+    assert cands and len(set(cands)) == len(cands)
+    for c in cands:
+        assert c.supports(tokens) and smem_bytes(k, c.split_k, tokens) <= cs.MAX_SMEM
+        assert effective_splits(k, c.split_k) == c.split_k
+        assert -(-n // c.rows_per_cta) * c.split_k <= 6 * 132
+    assert cuda_candidates(n, k, 17) == [] and cuda_candidates(n, k + 32, 1) == []
+
+
+def test_sparse_linear_with_cuda_plan_on_cpu_uses_reference():
+    gen = torch.Generator().manual_seed(9)
+    w, mask, perm = random_24_weight(32, 128, torch.float16, "cpu", gen)
+    layer = SparseLinear(pack_24(w, mask, perm), None, {16: {"backend": "ours_cuda", "config": CudaConfig().to_dict()}})
+    if not HAS_CUDA:
+        assert layer.backends == {16: "reference"}
+    x = torch.randn(3, 128, generator=gen).half()
+    assert rel_frobenius_error(layer(x), x.double() @ w.double().t()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("cfg,tokens", [(CudaConfig(4, 1, 4), 1), (CudaConfig(8, 4, 8), 5),
+                                        (CudaConfig(4, 3, 4), 9), (CudaConfig(2, 6, 8), 16),
+                                        (CudaConfig(8, 2, 4, pre=True), 3), (CudaConfig(4, 4, 8, pre=True), 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
+    gen = torch.Generator().manual_seed(tokens)
+    n, k = 1000, 1536
+    w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen)
+    packed = pack_24(w, mask, perm).to("cuda")
+    ws = cs.CudaWorkspace(cfg, n, tokens, "cuda", k, dtype)
+    tol = 1e-3 if dtype == torch.float16 else 8e-3
+    for _ in range(3):
+        x = torch.randn(tokens, k, generator=gen).to(dtype).to("cuda")  # fresh inputs every run
+        out = torch.full((tokens, n), float("nan"), dtype=dtype, device="cuda")
+        cs.sp24_cuda_matmul(x, packed, cfg, ws, out=out)
+        assert rel_frobenius_error(out, reference_linear(x, packed)) < tol
+    assert int(ws.counters.abs().sum()) == 0
+
+
+@cuda_only
+def test_cuda_kernel_is_graph_capturable_and_sync_free():
+    gen = torch.Generator().manual_seed(1)
+    n, k, tokens = 512, 1024, 4
+    w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen)
+    packed = pack_24(w, mask, perm).to("cuda")
+    layer = SparseLinear(packed, None, {16: {"backend": "ours_cuda", "config": CudaConfig(4, 4, 4).to_dict()}})
+    assert layer.backends == {16: "ours_cuda"}
+    x = torch.randn(tokens, k, generator=gen).half().cuda()
+    layer(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rel_frobenius_error(y, reference_linear(x, packed)) < 1e-3
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        y_static = layer(x)
+    for _ in range(2):
+        x.copy_(torch.randn(tokens, k, generator=gen).half())
+        y_static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_frobenius_error(y_static, reference_linear(x, packed)) < 1e-3
