@@ -122,7 +122,7 @@ class StatsAccumulator:
         self.ntokens += flat.shape[0]
         self.nsequences += sequences
         as32 = flat.to(torch.float32)
-        self.sum_sq += as32.square().sum(dim=0, dtype=torch.float64)
+        self.sum_sq += flat.to(torch.float64).square().sum(dim=0)
         if self.hist is not None:
             if self._range_tokens == 0:
                 raise RuntimeError("entropy histogram needs observe_range() over all inputs first")

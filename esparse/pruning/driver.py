@@ -85,6 +85,35 @@ def _run_block(block, inputs: torch.Tensor, kwargs: dict, device, outputs: torch
             outputs[index:index + 1] = out.to(outputs.device)
 
 
+@torch.no_grad()
+def _shared_input_groups(block, linears: dict[str, nn.Linear], sample: torch.Tensor, kwargs: dict,
+                         device) -> dict[str, list[str]]:
+    """Group linears that read the very same input tensor (e.g. q/k/v, gate/up), so their statistics
+    are accumulated once. Found by running one calibration sequence through the block."""
+    # Hold the input tensors themselves: while they are alive, no later tensor can reuse their
+    # memory, so identity (not a data pointer that the allocator may hand out again) decides.
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0])
+        return hook
+
+    handles = [linear.register_forward_hook(record(name)) for name, linear in linears.items()]
+    try:
+        _run_block(block, sample, kwargs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[str, list[str]] = {}
+    for name in linears:
+        if name not in seen:
+            raise RuntimeError(f"linear {name!r} was not called during the block's forward pass")
+        leader = next((other for other in groups if seen[other] is seen[name]), name)
+        groups.setdefault(leader, []).append(name)
+    return groups
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -124,26 +153,28 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
             check_layer_width(pattern, linear.in_features)
         stats = {}
         if uses_calibration:
+            groups = _shared_input_groups(block, linears, inputs[:1], block_kwargs, device)
             accumulators = {
-                name: StatsAccumulator(linear.in_features, needs, method.entropy_bins or 0, device)
-                for name, linear in linears.items()
+                leader: StatsAccumulator(linears[leader].in_features, needs, method.entropy_bins or 0, device)
+                for leader in groups
             }
             passes = ["range", "main"] if NEED_ENTROPY in needs else ["main"]
             for which in passes:
                 handles = []
-                for name, linear in linears.items():
-                    acc = accumulators[name]
+                for leader, acc in accumulators.items():
                     if which == "range":
                         fn = lambda mod, args, out, acc=acc: acc.observe_range(args[0])
                     else:
                         fn = lambda mod, args, out, acc=acc: acc.observe(args[0], sequences=args[0].shape[0])
-                    handles.append(linear.register_forward_hook(fn))
+                    handles.append(linears[leader].register_forward_hook(fn))
                 try:
                     _run_block(block, inputs, block_kwargs, device)
                 finally:
                     for handle in handles:
                         handle.remove()
-            stats = {name: acc.finalize() for name, acc in accumulators.items()}
+            for leader, members in groups.items():
+                shared = accumulators[leader].finalize()
+                stats.update({member: shared for member in members})
             del accumulators
         for name, linear in linears.items():
             layer_start = time.perf_counter()

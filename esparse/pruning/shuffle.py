@@ -24,9 +24,11 @@ same numbers either way). Hence gain(a, b) = L_a + L_b + Q[a, b] + Q[b, a] with 
 Q[a, b] = sum_i relu(s_ib - nth_gi) + sum_i kept_ai * (relu(s_ib - next_gi) - relu(s_ib - nth_gi)):
 elementwise work R*B*G per block (not R*B*B), the kept-weighted sum a batched matmul.
 
-Determinism: bit-identical results for identical inputs on one machine and thread count. Across
-devices, column sums and gains are reductions whose rounding may differ, which can change a
-choice only between near-equal candidates.
+Determinism: every decision is made on the scores rounded to an integer grid (float64 values
+holding integers, `fixed_point_scores`), whose sums are exact in any order. Reductions whose order
+depends on threads, vectorisation or memory alignment therefore cannot change a choice, and the
+permutation is bit-identical across runs, thread counts and devices. The reported kept scores and
+efficacy are computed on the original scores.
 """
 
 from __future__ import annotations
@@ -39,7 +41,22 @@ from esparse.pruning.masks import check_permutation, descending_values
 
 SHUFFLE_MODES = ("none", "global", "global+local")
 _CHUNK_ELEMENTS = 1 << 18  # rows per chunk keep the [K, G, rows, B] temporaries cache-sized
-_SCREEN_REL_TOL = 1e-6  # float32 screening: smaller relative gains are rounding noise (and negligible)
+_SCREEN_REL_TOL = 1e-6  # screening threshold: smaller relative gains are negligible
+_FIXED_POINT_BITS = 24  # grid resolution relative to the largest score (float32-like precision)
+_EXACT_FLOAT64_SUM = 2 ** 53
+
+
+def fixed_point_scores(score: torch.Tensor) -> torch.Tensor:
+    """`score` rounded to integers on a grid of max|score| / 2^24 (float64): all sums over the whole
+    matrix stay below 2^53, so they are exact whatever the summation order."""
+    values = score.detach().to(torch.float64)
+    peak = values.abs().max()
+    if peak == 0:
+        return torch.zeros_like(values)
+    bits = _FIXED_POINT_BITS
+    while bits > 8 and values.numel() * 2.0 ** bits >= _EXACT_FLOAT64_SUM:
+        bits -= 1
+    return torch.round(values * (2.0 ** bits / peak))
 
 
 def _group_top_sum(grouped: torch.Tensor, n: int) -> torch.Tensor:
@@ -130,7 +147,7 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
     order = torch.arange(width, device=device).repeat(blocks, 1)
     if groups < 2 or max_passes == 0:
         return order, 0, 0
-    screen = columns.to(torch.float32).transpose(1, 2).contiguous()  # [K, R, B]
+    screen = columns.transpose(1, 2).contiguous()  # [K, R, B], integer-valued float64: exact sums
     position_group = torch.arange(width, device=device) // m
     group_positions = torch.arange(width, device=device).reshape(groups, m)
     passes = swaps = 0
@@ -267,33 +284,32 @@ def channel_shuffle(
     if not torch.isfinite(score).all():
         raise ValueError("channel shuffle: scores are not finite")
     cols = score.shape[1]
+    grid = fixed_point_scores(score)  # decisions on exact integer sums (module docstring)
     identity = torch.arange(cols)
-    baseline = nm_kept_score(score, n, m)
-    candidates = {"identity": (identity, baseline)}
+    candidates = {"identity": (identity, nm_kept_score(grid, n, m))}
     current = "identity"
     local_info = None
     if mode in ("global", "global+local"):
-        global_perm = global_naive_shuffle(score, m)
-        candidates["global"] = (global_perm, nm_kept_score(score, n, m, global_perm))
-        if not keep_best or candidates["global"][1] > baseline:
+        global_perm = global_naive_shuffle(grid, m)
+        candidates["global"] = (global_perm, nm_kept_score(grid, n, m, global_perm))
+        if not keep_best or candidates["global"][1] > candidates["identity"][1]:
             current = "global"
     if mode == "global+local":
         start = current
         local_perm, local_info = local_block_shuffle(
-            score, n, m, candidates[start][0], block_size=block_size, max_passes=max_passes
+            grid, n, m, candidates[start][0], block_size=block_size, max_passes=max_passes
         )
         local_info = {**local_info, "start": start, "block_size": block_size, "max_passes": max_passes}
         name = f"{start}+local"
-        candidates[name] = (local_perm, nm_kept_score(score, n, m, local_perm))
-        # The local search is monotone; the comparison only guards the float sums.
+        candidates[name] = (local_perm, nm_kept_score(grid, n, m, local_perm))
         if not keep_best or candidates[name][1] >= candidates[start][1]:
             current = name
-    perm, kept = candidates[current]
+    perm = candidates[current][0]
     return ShuffleResult(
         perm=perm,
         chosen=current,
-        kept_score=kept,
-        baseline_kept_score=baseline,
-        candidates={name: value for name, (_, value) in candidates.items()},
+        kept_score=nm_kept_score(score, n, m, perm),
+        baseline_kept_score=nm_kept_score(score, n, m),
+        candidates={name: nm_kept_score(score, n, m, p) for name, (p, _) in candidates.items()},
         local=local_info,
     )
