@@ -12,11 +12,18 @@ include: "rules/prune.smk"
 include: "rules/perplexity.smk"
 include: "rules/ablation.smk"
 include: "rules/zeroshot.smk"
+include: "rules/kernels.smk"
 
 
 rule all:
     input:
         ppl_table=f"{RESULTS}/tables/wikitext_ppl.csv",
         zeroshot=[f"{RESULTS}/tables/zeroshot.csv"] if config["zeroshot"]["enabled"] else [],
+        kernels=[
+            f"{RESULTS}/kernels/{model}/{method}/2of4/plan.json"
+            for model in MODELS
+            for method in PRUNING_METHODS
+            if config["kernels"]["enabled"] and "2of4" in PATTERNS
+        ],
         ablation=[f"{RESULTS}/tables/ablation.csv"] if config["ablation"]["enabled"] else [],
     default_target: True

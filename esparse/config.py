@@ -118,6 +118,15 @@ def verify_mirror_inputs(config: dict) -> None:
             verify_mirror_file(config["data_mirror"], relpath)
 
 
+def export_package_path(repo_root: str | Path) -> None:
+    """Put this checkout's packages on PYTHONPATH for jobs that run in other environments (conda, SLURM)."""
+    import os
+
+    entries = [str(Path(repo_root)), str(Path(repo_root) / "kernels")]
+    existing = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in entries]
+    os.environ.update(PYTHONPATH=os.pathsep.join(entries + existing))
+
+
 def device_for(config: dict) -> str:
     import torch
 

@@ -31,6 +31,12 @@ def wikitext_token_stream(rows: list[str], tokenizer) -> torch.Tensor:
     return token_stream(rows, tokenizer, "wikitext2")
 
 
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """NLL of one window as the protocol defines it: mean next-token loss x window length."""
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), batch[0, 1:], reduction="mean")
+    return loss.item() * batch.shape[1]
+
+
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None = None,
                device: str | torch.device = "cpu", progress: bool = True) -> dict:
@@ -46,9 +52,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
     per_window = []
     for index in tqdm(range(windows), desc=f"ppl@{seqlen}", disable=not progress, mininterval=10):
         batch = tokens[index * seqlen:(index + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(input_ids=batch).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="mean")
-        nll = loss.item() * seqlen
+        nll = window_nll(model(input_ids=batch).logits, batch)
         per_window.append(nll)
         total_nll += nll
     return {

@@ -314,6 +314,17 @@ def concat_tables_step(csv_paths: list[str], out_csv: str) -> pd.DataFrame:
     return table
 
 
+# --- sparse-kernel build ---------------------------------------------------------------------------
+
+def kernel_build_step(pruned_dir: str, out_dir: str, token_buckets: list[int], device: str) -> None:
+    """Pack the 2:4 layers and autotune per shape and token bucket (a CPU-reference plan without CUDA)."""
+    from esparse_kernels.build import build_kernels
+
+    plan = build_kernels(pruned_dir, out_dir, token_buckets=tuple(token_buckets), device=device,
+                         log=lambda message: log.info("%s", message))
+    log.info("kernel plan: device=%s measured=%s", plan.get("device"), plan.get("measured"))
+
+
 def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:
     rows = []
     for path in json_paths:

@@ -1,8 +1,8 @@
 # Shared helpers for all rules: the resolved configuration and the output layout.
-import os
 import sys
+from pathlib import Path
 
-from esparse.config import device_for, resolve_config
+from esparse.config import device_for, export_package_path, resolve_config
 from esparse.errors import EsparseError
 from esparse.models import model_slug
 from esparse.pipeline import ablation_variants
@@ -15,10 +15,7 @@ except EsparseError as error:
     sys.exit(f"esparse-bench: {error}")
 
 # Jobs (local, conda or SLURM) import the package from this checkout.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [workflow.basedir, os.path.join(workflow.basedir, "kernels")]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
+export_package_path(workflow.basedir)
 # The pinned environment the rules run in with --sdm conda (relative to rules/).
 RULE_ENV = "../envs/esparse-cuda.yaml" if DEVICE == "cuda" else "../envs/esparse-cpu.yaml"
 

@@ -1,51 +1,36 @@
 # The last rules: the report (HTML + Markdown + figures, then the results manifest) and the audit.
-# Include after every rule that writes a table: the report reads whichever tables `rule all` asks for.
+# Include after every other rule: the report reads whatever results `rule all` asks for.
+import glob
 import os
 
 REPORT_REPO_DIR = os.path.dirname(str(workflow.current_basedir))  # this file is <repo>/rules/report.smk
 REPORT_GPU_DIR = os.path.join(REPORT_REPO_DIR, "reports", "gpu")
 REPORT_REFERENCE_DIR = os.path.join(REPORT_REPO_DIR, "reports", "reference")
-
-
-def report_tables(wildcards):
-    """The tidy tables this configuration produces: those under RESULTS/tables/ that `rule all` asks for."""
-    prefix = f"{RESULTS}/tables/"
-    try:
-        targets = [str(f) for f in workflow.get_rule("all").input]
-    except Exception:  # no `rule all`: the perplexity table is always produced
-        targets = []
-    return sorted({f for f in targets if f.startswith(prefix)} | {f"{RESULTS}/tables/wikitext_ppl.csv"})
-
-
-def report_records(wildcards):
-    """The result JSONs and pruned model directories the report reads provenance and shuffle data from."""
-    records = [f"{RESULTS}/ppl/{model}/{method}/{pattern}.json"
-               for model in MODELS for method, pattern in method_pattern_pairs()]
-    records += [f"{RESULTS}/pruned/{model}/{method}/{pattern}"
-                for model in MODELS for method, pattern in method_pattern_pairs() if method != "dense"]
-    if PRUNING_METHODS:
-        records += [f"{RESULTS}/calibration/{model}/calibration.json" for model in MODELS]
-    return records
-
-
-def committed_gpu_tables(wildcards):
-    """Committed GPU measurements (reports/gpu/*_h200.csv) shown beside this run's tables, if present."""
-    return sorted(os.path.join(REPORT_GPU_DIR, name) for name in os.listdir(REPORT_GPU_DIR)
-                  if name.endswith("_h200.csv")) if os.path.isdir(REPORT_GPU_DIR) else []
-
-
-def audit_reference():
-    """The committed reference run is a `default`-preset run: compare against it only for that preset."""
-    info = os.path.join(REPORT_REFERENCE_DIR, "REFERENCE.json")
-    return REPORT_REFERENCE_DIR if config["preset"] == "default" and os.path.isfile(info) else None
+# The report's and the audit's own outputs, left out of the report's inputs (rule all may list them).
+REPORT_OWN_OUTPUTS = (f"{RESULTS}/report/", f"{RESULTS}/audit/", f"{RESULTS}/MANIFEST.sha256")
+# Result JSONs and pruned model directories the report reads provenance and shuffle efficacy from.
+REPORT_RECORDS = (
+    [f"{RESULTS}/ppl/{model}/{method}/{pattern}.json" for model in MODELS for method, pattern in method_pattern_pairs()]
+    + [f"{RESULTS}/pruned/{model}/{method}/{pattern}"
+       for model in MODELS for method, pattern in method_pattern_pairs() if method != "dense"]
+    + ([f"{RESULTS}/calibration/{model}/calibration.json" for model in MODELS] if PRUNING_METHODS else [])
+)
+# The committed reference is a `default`-preset CPU run: the audit compares against it for that preset only.
+AUDIT_REFERENCE = (REPORT_REFERENCE_DIR if config["preset"] == "default"
+                   and os.path.isfile(os.path.join(REPORT_REFERENCE_DIR, "REFERENCE.json")) else None)
 
 
 rule report:
     """The run report (self-contained HTML, Markdown + PNG figures) and the sha256 manifest of the results."""
     input:
-        tables=report_tables,
-        records=report_records,
-        gpu_tables=committed_gpu_tables,
+        # Every result `rule all` asks for (tables, kernel plans, ...); rule all is parsed after this file.
+        results=lambda wildcards: sorted(
+            {str(f) for f in (workflow.get_rule("all").input if workflow.is_rule("all") else [])
+             if str(f).startswith(f"{RESULTS}/") and not str(f).startswith(REPORT_OWN_OUTPUTS)}
+            | {f"{RESULTS}/tables/wikitext_ppl.csv"}
+        ),
+        records=REPORT_RECORDS,
+        gpu_tables=sorted(glob.glob(os.path.join(REPORT_GPU_DIR, "*_h200.csv"))),
     output:
         html=report(f"{RESULTS}/report/report.html", caption="../workflow/report/report_html.rst",
                     category="Report"),
@@ -55,8 +40,8 @@ rule report:
         manifest=report(f"{RESULTS}/MANIFEST.sha256", caption="../workflow/report/manifest.rst",
                         category="Provenance"),
     params:
-        results=RESULTS,
-        gpu_dir=REPORT_GPU_DIR,
+        results=lambda wildcards, output: os.path.dirname(output.manifest),
+        gpu_dir=lambda wildcards: REPORT_GPU_DIR,  # committed GPU tables, read when present
     log:
         f"{RESULTS}/logs/report/report.log",
     benchmark:
@@ -79,12 +64,12 @@ rule audit:
     output:
         report(f"{RESULTS}/audit/audit.txt", caption="../workflow/report/audit.rst", category="Provenance"),
     params:
-        results=RESULTS,
+        results=lambda wildcards, input: os.path.dirname(input.manifest),
         resources=RESOURCES,
         mirror=MIRROR,
         rerun="auto",
         windows=2,
-        against=audit_reference(),
+        against=AUDIT_REFERENCE,
     log:
         f"{RESULTS}/logs/audit/audit.log",
     benchmark:
