@@ -269,6 +269,9 @@ def ablation_table_step(json_paths: list[str], configured: dict, out_csv: str, o
                      "prune_seconds": record["prune_seconds"], "masks_sha256": record["masks_sha256"]})
     table = pd.DataFrame(rows).sort_values(["metric", "shuffle", "alpha", "bins"]).reset_index(drop=True)
     full = table[(table["metric"] == configured["metric"]) & (table["shuffle"] == configured["shuffle"])]
+    if full.empty:
+        raise ValueError(f"the ablation has no variant with the configured metric {configured['metric']!r} "
+                         f"and shuffle {configured['shuffle']!r}, so alpha and bins cannot be chosen")
     best = full.loc[full["heldout_ppl"].idxmin()]
     choice = {
         "criterion": "lowest perplexity on the held-apart C4 documents (c4_heldout), never WikiText-2 test",
