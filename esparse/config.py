@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,26 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$")
+_WORDS = {"true": True, "false": False, "null": None, "none": None, "~": None}
+
+
+def parse_cli_values(value: Any) -> Any:
+    """Snakemake's `--config key={a: 1}` hands nested scalars over as strings ('1'). Read plain numbers,
+    true/false and null as such; every other string (e.g. a pattern "2:4") stays a string."""
+    if isinstance(value, dict):
+        return {key: parse_cli_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [parse_cli_values(item) for item in value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _WORDS:
+            return _WORDS[text.lower()]
+        if _NUMBER.match(text):
+            return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+    return value
+
+
 def available_presets() -> dict:
     return _load_yaml(CONFIG_DIR / "presets.yaml") or {}
 
@@ -47,7 +68,7 @@ def _format_schema_error(error: jsonschema.ValidationError) -> str:
 
 def resolve_config(user: dict | None = None, base_dir: str | Path | None = None) -> dict:
     """Merge config.yaml, the chosen preset and `user` overrides; validate; normalise paths."""
-    user = dict(user or {})
+    user = parse_cli_values(dict(user or {}))
     base = _load_yaml(CONFIG_DIR / "config.yaml")
     presets = available_presets()
     preset = user.get("preset", base.get("preset"))
