@@ -13,11 +13,17 @@ include: "rules/perplexity.smk"
 include: "rules/ablation.smk"
 include: "rules/zeroshot.smk"
 include: "rules/kernels.smk"
+include: "rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:
     input:
         ppl_table=f"{RESULTS}/tables/wikitext_ppl.csv",
+        report=f"{RESULTS}/report/report.html",
+        audit=f"{RESULTS}/audit/audit.txt",
         zeroshot=[f"{RESULTS}/tables/zeroshot.csv"] if config["zeroshot"]["enabled"] else [],
         kernels=[
             f"{RESULTS}/kernels/{model}/{method}/2of4/plan.json"

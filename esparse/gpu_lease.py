@@ -82,7 +82,6 @@ class GpuLease:
     """Held device slots; `release()` (or process exit) frees them."""
 
     devices: list[str]
-    slots: list[int]
     _handles: list = field(default_factory=list, repr=False)
 
     def release(self) -> None:
@@ -92,10 +91,6 @@ class GpuLease:
             finally:
                 handle.close()
         self._handles = []
-
-    @property
-    def held(self) -> bool:
-        return bool(self._handles)
 
 
 def _safe(device: str) -> str:
@@ -131,16 +126,16 @@ def acquire_gpus(count: int, devices: Sequence[str], lease_dir: str | Path | Non
     directory.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        handles, slots = [], []
-        for slot, device in enumerate(devices):
+        handles, taken = [], []
+        for device in devices:
             # The lock file is named by device id, so that leases agree across runs whose visible
             # lists differ (e.g. one run sees 0,1 and another 1).
             handle = _try_lock(directory / f"gpu-{_safe(device)}.lock")
             if handle is not None:
                 handles.append(handle)
-                slots.append(slot)
+                taken.append(device)
                 if len(handles) == count:
-                    return GpuLease([devices[s] for s in slots], slots, handles)
+                    return GpuLease(taken, handles)
         for handle in handles:  # partial: give them back so two multi-GPU jobs cannot deadlock
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()

@@ -450,7 +450,7 @@ def ppl_figure(frame: pd.DataFrame) -> Figure:
         ax.set_title(f"{model} (seqlen {seqlen}, {windows} windows)")
         ax.set_xlabel("pattern")
         ax.set_ylabel("WikiText-2 perplexity" + (" (log)" if ax.get_yscale() == "log" else ""))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return Figure("wikitext_ppl", "WikiText-2 perplexity by method and pattern (log scale where the values span "
                                   "more than 10x); dashed: dense.", _png(fig))
 
@@ -556,7 +556,7 @@ def zeroshot_section(run: RunData) -> Section:
             pivot.plot.bar(ax=ax, rot=0)
             ax.set_title(f"{model}: average {metric} over tasks")
             ax.set_ylabel(f"{metric} (%)")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         section.figures.append(Figure("zeroshot_average", f"Average zero-shot {metric} by method and pattern "
                                                           "(recomputed over the tasks of each row).", _png(fig)))
     return section
@@ -872,7 +872,7 @@ def shuffle_figure(rows: pd.DataFrame) -> Figure:
         ax.set_title(f"{model}: channel-shuffle efficacy per layer (kept score with shuffle / without)")
         ax.set_xlabel("layer (pruning order)")
         ax.set_ylabel("efficacy")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return Figure("shuffle_efficacy", "Channel-shuffle efficacy per layer: kept N:M score with the permutation "
                                       "divided by the kept score without (1 = no gain).", _png(fig))
 
@@ -1098,8 +1098,13 @@ def findings(run: RunData) -> list[str]:
             if label == "dense" or group.empty:
                 continue
             best = group.sort_values("average", ascending=False).iloc[0]
+            dense = pivot[(pivot["model"] == model) & (pivot["method"] == "dense")]
+            samples = sorted(set(zs.frame.loc[zs.frame["model"] == model, "n"].dropna().astype(int))) \
+                if "n" in zs.frame.columns else []
             lines.append(f"{model}, {label}: {best['method']} has the highest average zero-shot accuracy, "
-                         f"{best['average']:.2f}% over {int(best['tasks'])} tasks.")
+                         f"{best['average']:.2f}% over {int(best['tasks'])} tasks"
+                         + (f" (dense {dense['average'].iloc[0]:.2f}%)" if len(dense) else "")
+                         + (f"; {'/'.join(map(str, samples))} samples per task" if samples else "") + ".")
     for name in ("kernels_h200",):
         ks = run.sources.get(name)
         if ks is None or not ks.found or not {"shape", "tokens", "backend", "ratio_vs_dense"} <= set(ks.frame.columns) \

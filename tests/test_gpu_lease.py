@@ -21,8 +21,8 @@ HOLDER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from esparse.gpu_lease import gpu_lease
-    lease_dir, devices, count, report, stop = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    with gpu_lease(count, devices=devices, lease_dir=lease_dir, timeout_s=30):
+    lease_dir, devices, count, report, stop = sys.argv[1:6]
+    with gpu_lease(int(count), devices=devices.split(","), lease_dir=lease_dir, timeout_s=30):
         Path(report).write_text(os.environ["CUDA_VISIBLE_DEVICES"])
         while not Path(stop).exists():
             time.sleep(0.05)

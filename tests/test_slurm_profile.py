@@ -144,7 +144,8 @@ def by_rule(jobs):
 
 def test_every_rule_of_the_workflow_has_measured_resources(profile):
     sources = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]
-    rules = {m.group(1) for path in sources for m in re.finditer(r"^(?:rule|checkpoint) (\w+):", path.read_text(), re.M)}
+    pattern = re.compile(r"^(?:rule|checkpoint) (\w+):", re.M)
+    rules = {m.group(1) for path in sources for m in pattern.finditer(path.read_text())}
     assert {"prune", "perplexity"} <= rules
     missing = rules - {"all"} - set(profile["set-resources"])
     assert not missing, f"rules without an entry in the SLURM profile's set-resources: {sorted(missing)}"
@@ -196,7 +197,8 @@ def test_memory_and_runtime_scale_with_the_model(profile, tmp_path):
     small, large = small / "models" / "smollm2-135m", large / "models" / "smollm2-135m"
     for rule in ("prune", "perplexity", "ablation_variant"):
         for name in ("mem_mb", "runtime"):
-            assert profile_resource(profile, rule, name, large) > profile_resource(profile, rule, name, small), (rule, name)
+            bigger = profile_resource(profile, rule, name, large) > profile_resource(profile, rule, name, small)
+            assert bigger, (rule, name)
         assert profile_resource(profile, rule, "mem_mb", large) >= 2 * 27000, f"{rule}: 7B weights twice at least"
     assert profile_resource(profile, "prune", "mem_mb", large) == 4000 + 27000 * 5 // 2
     # Runtimes stay under the caps that common partitions allow, however large the model.
