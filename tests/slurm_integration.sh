@@ -15,7 +15,8 @@
 # 5. Stops every daemon it started and removes its work directory (trap, also on failure).
 #
 # Environment: ESPARSE_DATA_MIRROR (default ../shared/data), ESPARSE_LOCAL_RESULTS (a finished local
-# smoke results dir to compare with, skips the local run), ESPARSE_SLURM_KEEP=1 (keep the work dir),
+# smoke results dir of the same checkout to compare with, skips the local run; if it holds no
+# finished run, the local run is made), ESPARSE_SLURM_KEEP=1 (keep the work dir),
 # ESPARSE_SLURM_CANCEL_RULE (rule whose job is cancelled, default prune), ESPARSE_SLURM_TIMEOUT
 # (seconds per snakemake invocation, default 1800), ESPARSE_SLURM_EXTRA_CONFIG (extra `--config`
 # items for every run, separated by ';'), ESPARSE_SLURM_CONFIGFILE (a YAML file of config overrides
@@ -272,10 +273,11 @@ if [ -n "${ESPARSE_SLURM_CONFIGFILE:-}" ]; then
     configfile=(--configfile "$(cd "$(dirname "$ESPARSE_SLURM_CONFIGFILE")" && pwd)/$(basename "$ESPARSE_SLURM_CONFIGFILE")")
 fi
 
-if [ -n "${ESPARSE_LOCAL_RESULTS:-}" ]; then
+if [ -n "${ESPARSE_LOCAL_RESULTS:-}" ] && [ -f "$ESPARSE_LOCAL_RESULTS/tables/wikitext_ppl.csv" ]; then
     local_results="$(cd "$ESPARSE_LOCAL_RESULTS" && pwd)"
     say "reusing the local smoke run in $local_results"
 else
+    [ -z "${ESPARSE_LOCAL_RESULTS:-}" ] || say "no finished smoke run in $ESPARSE_LOCAL_RESULTS: running one"
     local_results="$work/local/results"
     say "local smoke run -> $local_results"
     timeout "$run_timeout" python -m snakemake --cores 2 "${configfile[@]}" --config "${smoke_config[@]}" "results_dir=$local_results" \
