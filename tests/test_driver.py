@@ -80,6 +80,23 @@ def test_deterministic_masks():
     assert digests[0] == digests[1]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_statistics_pass_equals_a_second_forward(arch):
+    """E-Sparse's range + histogram passes: replaying cached inputs gives the masks, permutations and
+    weights of a second forward pass, bit for bit."""
+    tokens = calibration()
+    outcomes, weights = [], []
+    for cache_bytes in (0, 2**30):
+        model = build_tiny_model(arch)
+        outcomes.append(prune_model(model, build_method("esparse", {}), SparsityPattern.parse("2:4"), tokens,
+                                    progress=False, stats_cache_bytes=cache_bytes))
+        weights.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert outcomes[0].masks.keys() == outcomes[1].masks.keys()
+    assert all(torch.equal(outcomes[0].masks[k], outcomes[1].masks[k]) for k in outcomes[0].masks)
+    assert all(torch.equal(outcomes[0].perms[k], outcomes[1].perms[k]) for k in outcomes[0].perms)
+
+
 def test_activation_offload_gives_the_same_result():
     tokens = calibration()
     results = []

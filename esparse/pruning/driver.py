@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import find_decoder_blocks, find_linears
-from ..stats import NEED_ENTROPY, StatsAccumulator
+from ..stats import StatsAccumulator
 from .methods import PruningMethod, check_layer_result
 from .pattern import SparsityPattern, check_layer_width
 
@@ -114,6 +114,55 @@ def _shared_input_groups(block, linears: dict[str, nn.Linear], sample: torch.Ten
     return groups
 
 
+DEFAULT_STATS_CACHE_BYTES = 4 * 2**30
+
+
+def _accumulate_statistics(block, linears, accumulators: dict[str, StatsAccumulator], inputs: torch.Tensor,
+                           block_kwargs: dict, device, store_device, cache_bytes: int) -> None:
+    """Stream every accumulator's statistics from the block's calibration forward pass.
+
+    Statistics with a range pass (entropy) see the same inputs twice. When the inputs of the block's
+    linears fit in `cache_bytes` they are copied once during the range pass and replayed, in the same
+    batch order, for the main pass, so the result is bit-identical to a second forward pass that the
+    cache saves (one forward instead of two per block).
+    """
+    two_pass = any(acc.needs_range_pass for acc in accumulators.values())
+    tokens = inputs.shape[0] * inputs.shape[1]
+    needed = sum(tokens * linears[leader].in_features for leader in accumulators) * inputs.element_size()
+    cache: dict[str, list[torch.Tensor]] | None = {leader: [] for leader in accumulators} \
+        if two_pass and needed <= cache_bytes else None
+    if two_pass and cache is None:
+        log.info("statistics: %.2f GiB of block inputs exceed the cache (%.2f GiB): second forward pass",
+                 needed / 2**30, cache_bytes / 2**30)
+
+    def range_hook(leader, acc):
+        def hook(module, args, output):
+            acc.observe_range(args[0])
+            if cache is not None:
+                cache[leader].append(args[0].detach().to(store_device, copy=True))
+        return hook
+
+    def main_hook(acc):
+        return lambda module, args, output: acc.observe(args[0], sequences=args[0].shape[0])
+
+    def forward_with(hooks: dict[str, object]) -> None:
+        handles = [linears[leader].register_forward_hook(hook) for leader, hook in hooks.items()]
+        try:
+            _run_block(block, inputs, block_kwargs, device)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    if two_pass:
+        forward_with({leader: range_hook(leader, acc) for leader, acc in accumulators.items()})
+    if cache is None:
+        forward_with({leader: main_hook(acc) for leader, acc in accumulators.items()})
+        return
+    for leader, acc in accumulators.items():
+        for batch in cache.pop(leader):
+            acc.observe(batch, sequences=batch.shape[0])
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -125,8 +174,13 @@ def _peak_memory_bytes(device: torch.device) -> int:
 @torch.no_grad()
 def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPattern,
                 calibration_tokens: torch.Tensor | None, device: str | torch.device = "cpu",
-                offload_activations: bool = False, progress: bool = True) -> PruneOutcome:
-    """Prune every nn.Linear inside the decoder blocks of `model` in place."""
+                offload_activations: bool = False, progress: bool = True,
+                stats_cache_bytes: int = DEFAULT_STATS_CACHE_BYTES) -> PruneOutcome:
+    """Prune every nn.Linear inside the decoder blocks of `model` in place.
+
+    `stats_cache_bytes` bounds the copies of a block's linear inputs kept between the two passes of
+    statistics that need a fixed range first (entropy); above it the block runs forward twice.
+    """
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
     if device.type == "cuda":
@@ -158,20 +212,8 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
                 leader: StatsAccumulator(linears[leader].in_features, needs, method.entropy_bins or 0, device)
                 for leader in groups
             }
-            passes = ["range", "main"] if NEED_ENTROPY in needs else ["main"]
-            for which in passes:
-                handles = []
-                for leader, acc in accumulators.items():
-                    if which == "range":
-                        fn = lambda mod, args, out, acc=acc: acc.observe_range(args[0])
-                    else:
-                        fn = lambda mod, args, out, acc=acc: acc.observe(args[0], sequences=args[0].shape[0])
-                    handles.append(linears[leader].register_forward_hook(fn))
-                try:
-                    _run_block(block, inputs, block_kwargs, device)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+            _accumulate_statistics(block, linears, accumulators, inputs, block_kwargs, device,
+                                   store_device, stats_cache_bytes)
             for leader, members in groups.items():
                 shared = accumulators[leader].finalize()
                 stats.update({member: shared for member in members})
