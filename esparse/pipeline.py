@@ -185,6 +185,10 @@ def perplexity_step(model_dir: str, dataset: str, mirror: str | None, seqlen: in
         "dataset": dataset_source(dataset, mirror),
         "achieved_sparsity": prune_info["summary"]["achieved_sparsity"] if prune_info else 0.0,
         "masks_sha256": prune_info["masks_sha256"] if prune_info else None,
+        # Carried over so that the ppl table shows every method's pruning cost from the same run.
+        "prune_seconds": prune_info["summary"]["seconds"] if prune_info else None,
+        "prune_peak_memory_bytes": prune_info["summary"]["peak_memory_bytes"] if prune_info else None,
+        "prune_device": prune_info["summary"]["device"] if prune_info else None,
         "provenance": provenance(
             config, "perplexity", wildcards,
             inputs={"model_weights": {p.name: sha256_file(p) for p in sorted(model_dir_path.glob("model*.safetensors"))},
@@ -337,6 +341,9 @@ def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:
             "seqlen": record["seqlen"], "windows": record["windows"],
             "windows_available": record["windows_available"], "ppl": record["ppl"],
             "achieved_sparsity": record["achieved_sparsity"], "masks_sha256": record["masks_sha256"],
+            "prune_seconds": record.get("prune_seconds"),
+            "prune_peak_memory_bytes": record.get("prune_peak_memory_bytes"),
+            "prune_device": record.get("prune_device"),
         })
     table = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:

@@ -56,21 +56,31 @@ class LayerStats:
         return -plogp.sum(dim=1)
 
 
+_HISTOGRAM_CHUNK_ELEMENTS = 1 << 18  # float64 temporaries of about 2 MiB: cache-resident
+
+
 def channel_histogram(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """Per-channel K-bin histogram of `x` (tokens x channels) over [lo_j, hi_j] (int64, C x K).
 
-    Bin k covers [lo + k w, lo + (k+1) w) with w = (hi - lo) / K; the maximum lands in the last bin,
-    like torch.histc. Values outside the range (never, when the range came from the same data) are
-    clamped into the edge bins.
+    Bin k covers [lo + k w, lo + (k+1) w) with w = (hi - lo) / K, computed in float64 as
+    floor((x - lo) / w); the maximum lands in the last bin, like torch.histc. Values outside the
+    range (never, when the range came from the same data) are clamped into the edge bins. A constant
+    channel (w = 0) has all its values in bin 0.
     """
     channels = x.shape[-1]
-    x64 = x.reshape(-1, channels).to(torch.float64)
+    flat = x.reshape(-1, channels)
     width = (hi - lo) / bins
-    safe_width = torch.where(width > 0, width, torch.ones_like(width))
-    index = torch.floor((x64 - lo) / safe_width).clamp_(0, bins - 1).to(torch.int64)
-    index = torch.where(width > 0, index, torch.zeros_like(index))
-    flat = index + torch.arange(channels, device=x.device, dtype=torch.int64) * bins
-    return torch.bincount(flat.reshape(-1), minlength=channels * bins).reshape(channels, bins)
+    # An infinite width sends every value of a constant channel (x - lo = 0) to bin 0.
+    safe_width = torch.where(width > 0, width, torch.full_like(width, float("inf")))
+    # Channel j's bins are j*K .. j*K+K-1 of one flat bincount (integers, exact in float64).
+    offset = torch.arange(channels, device=x.device, dtype=torch.float64) * bins
+    counts = torch.zeros(channels * bins, dtype=torch.int64, device=x.device)
+    rows = max(1, _HISTOGRAM_CHUNK_ELEMENTS // channels)
+    for start in range(0, flat.shape[0], rows):
+        index = flat[start:start + rows].to(torch.float64, copy=True)  # never modify the input
+        index.sub_(lo).div_(safe_width).floor_().clamp_(0, bins - 1).add_(offset)
+        counts += torch.bincount(index.to(torch.int64).reshape(-1), minlength=channels * bins)
+    return counts.reshape(channels, bins)
 
 
 class StatsAccumulator:

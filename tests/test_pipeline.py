@@ -46,6 +46,7 @@ def test_smoke_run_produces_the_table(smoke_run):
     assert table["ppl"].between(1, 1e6).all()
     pruned = table[table["method"] != "dense"]
     assert (pruned["achieved_sparsity"].round(6) == 0.5).all()
+    assert (pruned["prune_seconds"] > 0).all() and table.loc[table["method"] == "dense", "prune_seconds"].isna().all()
     dense = read_json(smoke_run / "ppl" / "smollm2-135m" / "dense" / "dense.json")
     for key in ("code", "config_sha256", "software", "hardware", "inputs"):
         assert key in dense["provenance"]

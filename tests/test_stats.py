@@ -98,3 +98,18 @@ def test_only_requested_statistics_are_kept():
     assert stats.hist is None and stats.hessian is None
     with pytest.raises(ValueError):
         stats.entropy()
+
+
+def test_chunked_histogram_equals_per_channel_histc_and_leaves_the_input_alone():
+    """More rows than one chunk, float64 input (no conversion copy), a constant channel."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3000, 200, generator=g, dtype=torch.float64) * torch.rand(200, generator=g, dtype=torch.float64))
+    x[:, 11] = -0.5
+    before = x.clone()
+    lo, hi = x.amin(0), x.amax(0)
+    hist = channel_histogram(x, lo, hi, 16)
+    assert torch.equal(x, before)
+    for j in range(x.shape[1]):
+        expected = torch.histc(x[:, j], bins=16, min=lo[j].item(), max=hi[j].item()) if hi[j] > lo[j] \
+            else torch.tensor([x.shape[0]] + [0] * 15, dtype=torch.float64)
+        assert hist[j].tolist() == expected.to(torch.int64).tolist(), j

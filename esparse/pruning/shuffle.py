@@ -151,13 +151,20 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
     position_group = torch.arange(width, device=device) // m
     group_positions = torch.arange(width, device=device).reshape(groups, m)
     passes = swaps = 0
+    # Blocks are searched independently; a block whose last pass applied no swap has no improving
+    # swap left (its gains did not change), so later passes only recompute the blocks still moving.
+    active = torch.arange(blocks, device=device)
     for _ in range(max_passes):
-        gain, block_kept = _block_swap_gains(screen.gather(2, order.unsqueeze(1).expand(blocks, rows, width)), n, m)
+        block_order = order[active]
+        block_columns = columns[active]
+        live = active.numel()
+        gain, block_kept = _block_swap_gains(
+            screen[active].gather(2, block_order.unsqueeze(1).expand(live, rows, width)), n, m)
         screen_tolerance = _SCREEN_REL_TOL * block_kept.abs()
         passes += 1
-        applied = 0
+        applied = torch.zeros(live, dtype=torch.int64, device=device)
         for _ in range(groups):  # each step: at most one swap per block
-            best, flat_index = gain.reshape(blocks, -1).max(dim=1)
+            best, flat_index = gain.reshape(live, -1).max(dim=1)
             candidate = best > screen_tolerance
             if not bool(candidate.any()):
                 break
@@ -165,30 +172,32 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
             a, b = flat_index[idx] // width, flat_index[idx] % width
             group_a, group_b = a // m, b // m
             # Exact float64 re-check of each candidate on its two groups.
-            before_cols = order[idx.unsqueeze(1), torch.cat([group_positions[group_a], group_positions[group_b]], dim=1)]
+            before_cols = block_order[idx.unsqueeze(1), torch.cat([group_positions[group_a], group_positions[group_b]], dim=1)]
             after_cols = before_cols.clone()
             pick = torch.arange(idx.numel(), device=device)
             slot_a, slot_b = a % m, m + b % m
             after_cols[pick, slot_a] = before_cols[pick, slot_b]
             after_cols[pick, slot_b] = before_cols[pick, slot_a]
-            before = _group_top_sum(columns[idx.unsqueeze(1), before_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=(1, 2))
-            after = _group_top_sum(columns[idx.unsqueeze(1), after_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=(1, 2))
+            before = _group_top_sum(block_columns[idx.unsqueeze(1), before_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=(1, 2))
+            after = _group_top_sum(block_columns[idx.unsqueeze(1), after_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=(1, 2))
             accept = (after - before) > rel_tol * before.abs()
             gain[idx[~accept], a[~accept], b[~accept]] = float("-inf")
             if not bool(accept.any()):
                 continue
             idx, a, b = idx[accept], a[accept], b[accept]
-            moved = order[idx, a].clone()
-            order[idx, a] = order[idx, b]
-            order[idx, b] = moved
-            applied += int(idx.numel())
-            touched = torch.zeros(blocks, width, dtype=torch.bool, device=device)
+            moved = block_order[idx, a].clone()
+            block_order[idx, a] = block_order[idx, b]
+            block_order[idx, b] = moved
+            applied[idx] += 1
+            touched = torch.zeros(live, width, dtype=torch.bool, device=device)
             touched[idx] = (position_group.unsqueeze(0) == (a // m).unsqueeze(1)) | (
                 position_group.unsqueeze(0) == (b // m).unsqueeze(1)
             )
             gain.masked_fill_(touched.unsqueeze(2) | touched.unsqueeze(1), float("-inf"))
-        swaps += applied
-        if applied == 0:
+        order[active] = block_order
+        swaps += int(applied.sum())
+        active = active[applied > 0]
+        if active.numel() == 0:
             break
     return order, passes, swaps
 
