@@ -844,7 +844,15 @@ def pruning_rows(run: RunData) -> pd.DataFrame:
             "memory kind": summary.get("peak_memory_kind"), "device": summary.get("device"),
         })
     rows.sort(key=lambda r: (r["model"], _method_sort_key(r["method"]), _pattern_sort_key(str(r["pattern"]))))
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        # Cost relative to Wanda on the same model and pattern, from the same run (E-Sparse's budget: 1.5x).
+        wanda = frame[frame["method"] == "wanda"].set_index(["model", "pattern"])["seconds"]
+        frame.insert(frame.columns.get_loc("seconds") + 1, "x wanda seconds", [
+            (float(r.seconds) / float(wanda[(r.model, r.pattern)])
+             if (r.model, r.pattern) in wanda.index and not _is_missing(r.seconds) else float("nan"))
+            for r in frame.itertuples()])
+    return frame
 
 
 def shuffle_rows(run: RunData) -> pd.DataFrame:
@@ -886,6 +894,7 @@ def pruning_section(run: RunData) -> Section:
     section.tables.append(Table("Pruning runs (every layer's mask is checked against its pattern)", format_frame(
         summary, {"achieved sparsity": lambda v: "" if _is_missing(v) else f"{float(v):.6f}",
                   "seconds": lambda v: "" if _is_missing(v) else f"{float(v):.1f}",
+                  "x wanda seconds": lambda v: "" if _is_missing(v) else f"{float(v):.2f}",
                   "peak memory MiB": fmt_mib})))
     rows = shuffle_rows(run)
     if rows.empty:

@@ -38,7 +38,7 @@ rule ablation_table:
     input:
         [f"{RESULTS}/ablation/{model}/{variant}.json" for model in MODELS for variant in ABLATION_VARIANTS],
     output:
-        table=f"{RESULTS}/tables/ablation.csv",
+        table=report(f"{RESULTS}/tables/ablation.csv", caption="../workflow/report/ablation.rst", category="Tables"),
         choice=f"{RESULTS}/tables/ablation_choice.json",
     params:
         configured=config["method_settings"]["esparse"],

@@ -3,7 +3,8 @@ rule kernel_build:
     input:
         f"{RESULTS}/pruned/{{model}}/{{method}}/2of4",
     output:
-        plan=f"{RESULTS}/kernels/{{model}}/{{method}}/2of4/plan.json",
+        plan=report(f"{RESULTS}/kernels/{{model}}/{{method}}/2of4/plan.json", caption="../workflow/report/kernel_plan.rst",
+                    category="Kernel plans", subcategory="{model}", labels={"method": "{method}"}),
         packed=f"{RESULTS}/kernels/{{model}}/{{method}}/2of4/packed.safetensors",
     params:
         out_dir=lambda wc, output: str(Path(output.plan).parent),

@@ -3,7 +3,8 @@ rule perplexity:
     input:
         model=evaluated_model_dir,
     output:
-        f"{RESULTS}/ppl/{{model}}/{{method}}/{{pattern}}.json",
+        report(f"{RESULTS}/ppl/{{model}}/{{method}}/{{pattern}}.json", caption="../workflow/report/ppl_record.rst",
+               category="Perplexity records", subcategory="{model}", labels={"method": "{method}", "pattern": "{pattern}"}),
     params:
         dataset=config["perplexity"]["dataset"],
         seqlen=config["perplexity"]["seqlen"],
@@ -35,7 +36,7 @@ rule ppl_table:
             for method, pattern in method_pattern_pairs()
         ],
     output:
-        f"{RESULTS}/tables/wikitext_ppl.csv",
+        report(f"{RESULTS}/tables/wikitext_ppl.csv", caption="../workflow/report/wikitext_ppl.rst", category="Tables"),
     log:
         f"{RESULTS}/logs/tables/wikitext_ppl.log",
     conda:

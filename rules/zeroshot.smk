@@ -37,7 +37,7 @@ rule zeroshot_table:
             for method, pattern in method_pattern_pairs()
         ],
     output:
-        f"{RESULTS}/tables/zeroshot.csv",
+        report(f"{RESULTS}/tables/zeroshot.csv", caption="../workflow/report/zeroshot.rst", category="Tables"),
     log:
         f"{RESULTS}/logs/tables/zeroshot.log",
     conda:

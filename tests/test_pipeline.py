@@ -56,6 +56,17 @@ def test_smoke_run_produces_the_table(smoke_run):
     assert len(prune["layers"]) == 30 * 7
 
 
+def test_snakemake_report_collects_the_annotated_outputs(smoke_run, data_mirror, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "snakemake_report.zip"
+    snakemake(f"--report={archive}", results=smoke_run, mirror=data_mirror)
+    with zipfile.ZipFile(archive) as bundle:
+        names = bundle.namelist()
+    for expected in ("wikitext_ppl.csv", "zeroshot.csv", "ablation.csv", "report.html", "audit.txt", "plan.json"):
+        assert any(name.endswith(expected) for name in names), (expected, names[:40])
+
+
 def test_second_invocation_has_nothing_to_do(smoke_run, data_mirror):
     proc = snakemake("--dry-run", results=smoke_run, mirror=data_mirror)
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
