@@ -13,6 +13,7 @@ include: "rules/perplexity.smk"
 include: "rules/ablation.smk"
 include: "rules/zeroshot.smk"
 include: "rules/kernels.smk"
+include: "rules/profile.smk"
 include: "rules/report.smk"
 
 
@@ -32,4 +33,6 @@ rule all:
             if config["kernels"]["enabled"] and "2of4" in PATTERNS
         ],
         ablation=[f"{RESULTS}/tables/ablation.csv"] if config["ablation"]["enabled"] else [],
+        profiling=([f"{RESULTS}/tables/latency.csv", f"{RESULTS}/tables/memory.csv"]
+                   if config["profiling"]["enabled"] else []),
     default_target: True

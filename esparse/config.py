@@ -121,6 +121,20 @@ def validate_semantics(config: dict) -> None:
     slugs = [SparsityPattern.parse(p).slug for p in config["patterns"]]
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"patterns {config['patterns']} name the same pattern twice")
+    check_profile_targets(config)
+
+
+def check_profile_targets(config: dict) -> None:
+    """Each profiling target is a model of this run (real weights) or a known shape (random weights)."""
+    from .decoder import PROFILE_SHAPES
+    from .models import model_slug
+
+    models = {model_slug(ref) for ref in config["models"]}
+    for target in config["profiling"]["targets"]:
+        if target not in models and target not in PROFILE_SHAPES:
+            raise ConfigError(
+                f"profiling target {target!r} is neither a model of this run ({', '.join(sorted(models))}) "
+                f"nor a profile shape ({', '.join(PROFILE_SHAPES)})")
 
 
 def datasets_used(config: dict) -> set[str]:

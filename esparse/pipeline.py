@@ -332,6 +332,53 @@ def kernel_build_step(pruned_dir: str, out_dir: str, token_buckets: list[int], d
     log.info("kernel plan: device=%s measured=%s", plan.get("device"), plan.get("measured"))
 
 
+# --- GPU latency and memory profiling ----------------------------------------------------------------
+
+def profile_step(target: str, inputs: dict[str, str], settings: dict, esparse_shuffle: str, device: str,
+                 out_json: str, config: dict, wildcards: dict) -> None:
+    """Profile one target (esparse/profiling.py); without CUDA the record says what was not measured."""
+    from pathlib import Path as _Path
+
+    from .profiling import ProfileSettings, Variant, profile_target, random_variants
+
+    profile_settings = ProfileSettings.from_config(settings)
+    if "dense" in inputs:  # a model of this run: real weights
+        variants = [Variant("dense", "dense", False, "real", model_dir=inputs["dense"])]
+        for method in ("wanda", "esparse"):
+            if method in inputs:
+                shuffled = method == "esparse" and esparse_shuffle != "none"
+                variants.append(Variant(method, "2:4", shuffled, "real", model_dir=inputs[method],
+                                        kernel_dir=str(_Path(inputs[f"{method}_kernels"]).parent)))
+    else:
+        variants = random_variants()
+    record = profile_target(target, variants, profile_settings, device)
+    record["variants"] = [vars(v) for v in variants]
+    checksums = {}
+    for name, path in sorted(inputs.items()):
+        where = _Path(path)
+        if (where / "prune.json").exists():
+            checksums[name] = {"masks": read_json(where / "prune.json")["masks_sha256"],
+                               "weights": read_json(where / "prune.json")["weights_sha256"]}
+        elif where.is_dir():
+            checksums[name] = model_manifest(path).get("weights_sha256")
+        else:
+            checksums[name] = sha256_file(where)
+    record["provenance"] = provenance(config, "profile", wildcards, inputs=checksums,
+                                      seeds={"profiling": profile_settings.seed}, extra={"device": device})
+    write_json(out_json, record)
+    log.info("%s: %s", target, "measured" if record["measured"] else record["reason"])
+
+
+def profile_tables_step(json_paths: list[str], latency_csv: str, memory_csv: str) -> None:
+    from .profiling import LATENCY_COLUMNS, MEMORY_COLUMNS
+
+    for key, columns, out in (("latency", LATENCY_COLUMNS, latency_csv), ("memory", MEMORY_COLUMNS, memory_csv)):
+        rows = [row for path in json_paths for row in read_json(path)[key]]
+        table = pd.DataFrame(rows, columns=columns)
+        with atomic_path(out) as tmp:
+            table.to_csv(tmp, index=False)
+
+
 def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:
     rows = []
     for path in json_paths:

@@ -817,6 +817,10 @@ def latency_memory_section(run: RunData) -> Section:
             section.paragraphs.append(f"{source.label}: {ABSENT}.")
             continue
         frame = source.frame
+        if "status" in frame.columns and not (frame["status"] == "measured").any():
+            reasons = "; ".join(sorted(set(frame["status"].astype(str))))
+            section.paragraphs.append(f"{source.label}: {len(frame)} configurations, none measured ({reasons}).")
+            continue
         section.tables.append(Table(source.label, format_frame(frame)))
         if source.name.startswith("memory"):
             figure = memory_figure(frame, f"memory_{Path(source.label).stem}", f"{source.label}: memory in MiB.")

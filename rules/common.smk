@@ -50,3 +50,21 @@ def evaluated_model_dir(wildcards):
 
 def pattern_text(wildcards):
     return PATTERNS[wildcards.pattern].label
+
+
+# --- profiling (rules/profile.smk) ---
+PROFILE = config["profiling"]
+# Real-weight variants of a registry model: the 2:4 models this run prunes without and with channel
+# shuffle (Wanda; E-Sparse as configured), each with its kernel build.
+PROFILE_SPARSE_METHODS = [m for m in ("wanda", "esparse") if m in PRUNING_METHODS and "2of4" in PATTERNS
+                          and config["kernels"]["enabled"]]
+
+
+def profile_inputs(wildcards):
+    if wildcards.target not in MODELS:
+        return {}  # a profile shape: random weights, no inputs
+    inputs = {"dense": f"{RESOURCES}/models/{wildcards.target}"}
+    for method in PROFILE_SPARSE_METHODS:
+        inputs[method] = f"{RESULTS}/pruned/{wildcards.target}/{method}/2of4"
+        inputs[f"{method}_kernels"] = f"{RESULTS}/kernels/{wildcards.target}/{method}/2of4/plan.json"
+    return inputs

@@ -67,6 +67,14 @@ def test_snakemake_report_collects_the_annotated_outputs(smoke_run, data_mirror,
         assert any(name.endswith(expected) for name in names), (expected, names[:40])
 
 
+def test_profiling_without_cuda_records_what_was_not_measured(smoke_run):
+    latency = pd.read_csv(smoke_run / "tables" / "latency.csv")
+    assert set(latency["target"]) == {"smollm2-135m", "llama-7b", "llama-13b"}
+    assert latency["status"].str.startswith("not measured: ").all() and latency["median_ms"].isna().all()
+    real = latency[latency["target"] == "smollm2-135m"]
+    assert set(zip(real["method"], real["shuffle"])) == {("dense", False), ("wanda", False), ("esparse", True)}
+
+
 def test_second_invocation_has_nothing_to_do(smoke_run, data_mirror):
     proc = snakemake("--dry-run", results=smoke_run, mirror=data_mirror)
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -148,8 +148,9 @@ def _reference_bucket() -> dict:
             "candidates": []}
 
 
-def _tune_shape_cuda(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps: int, log,
-                     include_cslt: bool = True) -> dict:
+def tune_shape(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps: int, log,
+               include_cslt: bool = True) -> dict:
+    """Autotune one packed shape for every token bucket on `device`: the plan entries per bucket."""
     from .autotune import ShapeBench, best_of, tune_tokens
     from .pack import unpack_24
 
@@ -231,7 +232,7 @@ def build_kernels(pruned_model_dir: str | Path, out_dir: str | Path,
         if measured:
             if log:
                 log(f"tuning {key} ({len(names)} layers)")
-            entry["buckets"] = _tune_shape_cuda(p, buckets, device, tune_reps, log, include_cslt)
+            entry["buckets"] = tune_shape(p, buckets, device, tune_reps, log, include_cslt)
         else:
             entry["buckets"] = {str(t): _reference_bucket() for t in buckets}
         plan["shapes"][key] = entry

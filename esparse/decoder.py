@@ -1,0 +1,204 @@
+"""A LLaMA-architecture decoder with a static KV cache, for latency and memory profiling.
+
+Why not the Hugging Face module: a decode step must be captured whole in one CUDA graph, for the
+dense baseline and the sparse model alike, so that the ratio compares kernels and not Python. That
+needs a forward pass without host synchronisation and with fixed tensor addresses: the cache is
+preallocated, the new key/value rows are written with `index_copy_` at a device-side position, and
+the attention mask is computed on the device. This module does exactly LLaMA's arithmetic (RMSNorm,
+rotary embeddings in the `rotate_half` convention, grouped-query attention, SwiGLU MLP) and is
+checked against `transformers`' LlamaForCausalLM logits in the tests; its linear layers are plain
+`nn.Linear` or any drop-in replacement (the 2:4 `SparseLinear`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    layers: int
+    vocab: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear of one block, by its Hugging Face name."""
+        kv = self.kv_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (self.hidden, self.hidden), "self_attn.k_proj": (kv, self.hidden),
+            "self_attn.v_proj": (kv, self.hidden), "self_attn.o_proj": (self.hidden, self.hidden),
+            "mlp.gate_proj": (self.intermediate, self.hidden), "mlp.up_proj": (self.intermediate, self.hidden),
+            "mlp.down_proj": (self.hidden, self.intermediate),
+        }
+
+    @classmethod
+    def from_hf_config(cls, config) -> "DecoderShape":
+        if getattr(config, "model_type", None) not in ("llama", "mistral"):
+            raise ConfigError(f"the profiling decoder implements LLaMA-style models, not {config.model_type!r}")
+        heads = config.num_attention_heads
+        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   layers=config.num_hidden_layers, vocab=config.vocab_size,
+                   rope_theta=float(getattr(config, "rope_theta", None)
+                                    or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+                   rms_eps=config.rms_norm_eps, tied_embeddings=bool(config.tie_word_embeddings))
+
+
+# Published LLaMA-1 shapes (Touvron et al. 2023, table 2), profiled with random weights.
+PROFILE_SHAPES: dict[str, DecoderShape] = {
+    "llama-7b": DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
+    "llama-13b": DecoderShape(hidden=5120, intermediate=13824, heads=40, kv_heads=40, layers=40, vocab=32000),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, shape: DecoderShape, linear_factory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden, shape.rms_eps)
+        self.post_attention_layernorm = RMSNorm(shape.hidden, shape.rms_eps)
+        self.self_attn = nn.Module()
+        self.mlp = nn.Module()
+        for name, (out_f, in_f) in shape.linear_shapes().items():
+            parent, child = name.split(".")
+            setattr(getattr(self, parent), child, linear_factory(name, out_f, in_f))
+        self.shape = shape
+
+
+class StaticCache:
+    """Keys and values of every layer, [layers, batch, kv_heads, max_len, head_dim], allocated once."""
+
+    def __init__(self, shape: DecoderShape, batch: int, max_len: int, dtype: torch.dtype, device):
+        size = (shape.layers, batch, shape.kv_heads, max_len, shape.head_dim)
+        self.keys = torch.zeros(size, dtype=dtype, device=device)
+        self.values = torch.zeros(size, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class Decoder(nn.Module):
+    """LLaMA decoder. `linear_factory(name, out, in)` builds each block linear (default nn.Linear)."""
+
+    def __init__(self, shape: DecoderShape, linear_factory=None, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        factory = linear_factory or (lambda name, out_f, in_f: nn.Linear(in_f, out_f, bias=False,
+                                                                        dtype=dtype, device=device))
+        self.shape = shape
+        self.embed_tokens = nn.Embedding(shape.vocab, shape.hidden, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(shape, factory).to(device=device) for _ in range(shape.layers))
+        for block in self.layers:  # norms follow the model dtype; linears keep what the factory made
+            block.input_layernorm.to(dtype=dtype, device=device)
+            block.post_attention_layernorm.to(dtype=dtype, device=device)
+        self.norm = RMSNorm(shape.hidden, shape.rms_eps).to(dtype=dtype, device=device)
+        self.lm_head = nn.Linear(shape.hidden, shape.vocab, bias=False, dtype=dtype, device=device)
+        if shape.tied_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32,
+                                                                device=device) / shape.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache, attend: int,
+                causal_prefill: bool = False, last_only: bool = True) -> torch.Tensor:
+        """Logits for `tokens` [B, T] at absolute `positions` [T] (a device tensor), writing their keys
+        and values into `cache` and attending to cache rows 0..attend-1.
+
+        causal_prefill: the T tokens are positions 0..T-1 and attend == T (SDPA's causal kernel);
+        otherwise row t may see cache rows <= positions[t] (a device-side mask: graph-capturable).
+        """
+        shape = self.shape
+        batch, length = tokens.shape
+        if attend > cache.max_len:
+            raise ConfigError(f"attend {attend} exceeds the cache length {cache.max_len}")
+        hidden = self.embed_tokens(tokens)
+        cos, sin = self._rope(positions, hidden.dtype)
+        mask = None
+        if not causal_prefill:
+            mask = torch.arange(attend, device=tokens.device).unsqueeze(0) <= positions.unsqueeze(1)
+        for index, block in enumerate(self.layers):
+            x = block.input_layernorm(hidden)
+            attn = block.self_attn
+            q = attn.q_proj(x).view(batch, length, shape.heads, shape.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, length, shape.kv_heads, shape.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, length, shape.kv_heads, shape.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.keys[index].index_copy_(2, positions, k)
+            cache.values[index].index_copy_(2, positions, v)
+            keys = cache.keys[index][:, :, :attend]
+            values = cache.values[index][:, :, :attend]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal_prefill,
+                                                 enable_gqa=shape.kv_heads != shape.heads)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, shape.hidden))
+            x = block.post_attention_layernorm(hidden)
+            mlp = block.mlp
+            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(self.norm(hidden))
+
+    @classmethod
+    def from_hf(cls, hf_model, linear_factory=None) -> "Decoder":
+        """A Decoder holding `hf_model`'s weights (LLaMA/Mistral/Qwen2-style, no linear biases).
+
+        linear_factory(name, hf_linear) may replace a block linear (e.g. by a SparseLinear); names are
+        "layers.<i>.<self_attn|mlp>.<proj>" relative to the decoder stack."""
+        shape = DecoderShape.from_hf_config(hf_model.config)
+        weight = hf_model.get_input_embeddings().weight
+        model = cls(shape, linear_factory=lambda name, o, i: nn.Identity(), dtype=weight.dtype, device="meta")
+        stack = hf_model.model
+        model.embed_tokens = stack.embed_tokens
+        model.norm.weight = stack.norm.weight
+        model.lm_head = hf_model.lm_head
+        model.inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32,
+                                                                      device=weight.device) / shape.head_dim))
+        for index, (ours, theirs) in enumerate(zip(model.layers, stack.layers)):
+            ours.input_layernorm.weight = theirs.input_layernorm.weight
+            ours.post_attention_layernorm.weight = theirs.post_attention_layernorm.weight
+            for name in shape.linear_shapes():
+                parent, child = name.split(".")
+                linear = getattr(getattr(theirs, parent), child)
+                if getattr(linear, "bias", None) is not None:
+                    raise ConfigError(f"layer {index} {name} has a bias; the profiling decoder has none")
+                made = linear if linear_factory is None else linear_factory(f"layers.{index}.{name}", linear)
+                setattr(getattr(ours, parent), child, made)
+        return model

@@ -1,0 +1,303 @@
+"""Latency and memory of whole models, dense against 2:4 (with and without channel shuffle), on a GPU.
+
+Cases: prefill of `prompt` tokens at batch b (time to first token: the prompt's forward pass and
+the first token's logits, eager), and decode steps of batch b at context c (one new token per
+sequence against a static KV cache of c rows, the whole step captured in one CUDA graph, for the
+dense baseline too). Times are CUDA-event medians with the inter-quartile range over `repeats`
+after `warmup` runs; clocks are left as found and recorded (NVML) at start and end.
+
+Models: a registry model's real weights (dense, and its pruned 2:4 versions from the pipeline with
+their kernel plans), or a published LLaMA shape (`esparse.decoder.PROFILE_SHAPES`) with random
+weights and magnitude 2:4 masks; the rows say which (`weights`: real | random). Speed does not
+depend on weight values; for random shapes the shuffled variant uses a random permutation, which
+costs the same gather as any other. The permutation is always paid at run time (the kernels gather
+the input through it).
+
+Without CUDA nothing is measured: every row says "not measured: ..." with the reason and carries no
+number.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .decoder import Decoder, DecoderShape, PROFILE_SHAPES, StaticCache
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LATENCY_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "phase", "batch", "length",
+                   "median_ms", "q1_ms", "q3_ms", "repeats", "tokens_per_s", "cuda_graph", "backends", "status"]
+MEMORY_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "batch", "context",
+                  "linear_weight_bytes", "model_weight_bytes", "kv_cache_bytes", "max_memory_allocated",
+                  "nvml_used_bytes", "status"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str             # dense | magnitude (random shapes) | a pipeline method (real weights)
+    pattern: str            # dense | 2:4
+    shuffle: bool
+    weights: str            # real | random
+    model_dir: str | None = None   # real weights: the (pruned) HF directory
+    kernel_dir: str | None = None  # real 2:4 weights: the kernel build (packed + plan)
+
+
+@dataclass
+class ProfileSettings:
+    prefill_prompts: list[int] = field(default_factory=lambda: [128, 512, 2048])
+    prefill_batches: list[int] = field(default_factory=lambda: [1, 8])
+    decode_contexts: list[int] = field(default_factory=lambda: [128, 2048])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    warmup: int = 5
+    repeats: int = 30
+    tune_reps: int = 10
+    dtype: str = "float16"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: dict) -> "ProfileSettings":
+        return cls(prefill_prompts=list(section["prefill"]["prompts"]), prefill_batches=list(section["prefill"]["batches"]),
+                   decode_contexts=list(section["decode"]["contexts"]), decode_batches=list(section["decode"]["batches"]),
+                   warmup=int(section["warmup"]), repeats=int(section["repeats"]), tune_reps=int(section["tune_reps"]),
+                   dtype=section["dtype"], seed=int(section.get("seed", 0)))
+
+    def cases(self) -> list[tuple[str, int, int]]:
+        """(phase, batch, length): prefill length = prompt tokens, decode length = context rows."""
+        return ([("prefill", b, p) for p in self.prefill_prompts for b in self.prefill_batches]
+                + [("decode", b, c) for c in self.decode_contexts for b in self.decode_batches])
+
+    def token_counts(self) -> list[int]:
+        """Every GEMM row count the cases produce (the kernel plans' buckets)."""
+        return sorted({b * p for p in self.prefill_prompts for b in self.prefill_batches}
+                      | set(self.decode_batches) | set(self.prefill_batches))
+
+
+def random_variants() -> list[Variant]:
+    return [Variant("dense", "dense", False, "random"), Variant("magnitude", "2:4", False, "random"),
+            Variant("magnitude", "2:4", True, "random")]
+
+
+def _base_row(target: str, variant: Variant) -> dict:
+    return {"target": target, "weights": variant.weights, "method": variant.method, "pattern": variant.pattern,
+            "shuffle": variant.shuffle}
+
+
+def not_measured(target: str, variants: list[Variant], settings: ProfileSettings, reason: str) -> dict:
+    """Rows for every case that say why nothing was measured (no number is emitted)."""
+    status = f"not measured: {reason}"
+    latency = [{**dict.fromkeys(LATENCY_COLUMNS), **_base_row(target, v), "phase": phase, "batch": batch,
+                "length": length, "status": status}
+               for v in variants for phase, batch, length in settings.cases()]
+    memory = [{**dict.fromkeys(MEMORY_COLUMNS), **_base_row(target, v), "batch": batch, "context": context,
+               "status": status}
+              for v in variants for batch in settings.decode_batches for context in settings.decode_contexts]
+    return {"target": target, "measured": False, "reason": reason, "latency": latency, "memory": memory,
+            "settings": asdict(settings)}
+
+
+# ------------------------------------------------------------------------------ GPU measurement
+
+
+def nvml_snapshot(index: int) -> dict:
+    """GPU name, driver, clocks and used memory from NVML (None values where NVML is unavailable)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        clocks = {name: pynvml.nvmlDeviceGetClockInfo(handle, getattr(pynvml, f"NVML_CLOCK_{name.upper()}"))
+                  for name in ("sm", "mem")}
+        info = {"name": pynvml.nvmlDeviceGetName(handle), "driver": pynvml.nvmlSystemGetDriverVersion(),
+                "clocks_mhz": clocks, "used_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).used),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in info.items()}
+    except Exception as exc:  # NVML missing or failing: say so, never invent
+        return {"error": f"NVML unavailable: {exc}"}
+
+
+def _quartiles(samples: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return median, q1, q3
+
+
+def _time_events(run, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in pairs]
+
+
+def _linear_bytes(model: Decoder) -> int:
+    total = 0
+    for block in model.layers:
+        for name in model.shape.linear_shapes():
+            parent, child = name.split(".")
+            module = getattr(getattr(block, parent), child)
+            packed = getattr(module, "packed", None)
+            total += packed.nbytes(include_perm=True) if packed is not None else module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def _model_bytes(model: Decoder) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total  # packed 2:4 tensors are (non-persistent) buffers of the SparseLinear modules
+
+
+def _backends(model: Decoder) -> str:
+    found = set()
+    for module in model.modules():
+        backends = getattr(module, "backends", None)
+        if isinstance(backends, dict):
+            found.update(f"{t}:{b}" for t, b in backends.items())
+    return ";".join(sorted(found, key=lambda s: int(s.split(":")[0]))) if found else "cublas"
+
+
+def random_packed_24(out_f: int, in_f: int, shuffle: bool, generator: torch.Generator, dtype, device):
+    """A random weight (uniform, nn.Linear's scale) with its magnitude 2:4 mask, packed; with `shuffle`,
+    the mask is 2:4 in a random column permutation, which the packed layer gathers at run time."""
+    from esparse_kernels.pack import pack_24
+
+    from .pruning.masks import nm_mask
+
+    bound = in_f ** -0.5
+    weight = torch.empty(out_f, in_f, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+    perm = torch.randperm(in_f, device=device, generator=generator) if shuffle else None
+    ordered = weight if perm is None else weight[:, perm]
+    kept = nm_mask(ordered.abs(), 2, 4)  # magnitude 2:4 in the (permuted) order the kernel reads
+    mask = kept if perm is None else torch.empty_like(kept).index_copy_(1, perm, kept)
+    return pack_24(weight, mask, perm)
+
+
+def _random_sparse_factory(settings: ProfileSettings, shuffle: bool, device, dtype, plans: dict):
+    from esparse_kernels.build import tune_shape
+    from esparse_kernels.linear import SparseLinear
+
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+
+    def factory(name, out_f, in_f):
+        packed = random_packed_24(out_f, in_f, shuffle, generator, dtype, device)
+        key = (out_f, in_f)
+        if key not in plans:  # tuned once per shape, on a permuted weight (the gather included)
+            buckets = tuple(settings.token_counts())
+            plans[key] = {int(t): entry for t, entry in
+                          tune_shape(packed, buckets, device, settings.tune_reps, log=None, include_cslt=False).items()}
+        return SparseLinear(packed, None, plans[key], allow_dense=False)
+    return factory
+
+
+def build_variant(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict) -> Decoder:
+    dtype = getattr(torch, settings.dtype)
+    if variant.weights == "random":
+        shape = PROFILE_SHAPES[target]
+        torch.manual_seed(settings.seed)
+        factory = None if variant.pattern == "dense" else _random_sparse_factory(settings, variant.shuffle, device, dtype, plans)
+        return Decoder(shape, linear_factory=factory, dtype=dtype, device=device).eval()
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(variant.model_dir, dtype=dtype).to(device).eval()
+    if variant.kernel_dir:
+        from esparse_kernels.linear import swap_sparse_linears
+
+        swapped = swap_sparse_linears(hf, variant.kernel_dir, allow_dense=False)
+        if not swapped:
+            raise ConfigError(f"no layer of {variant.model_dir} was replaced from {variant.kernel_dir}")
+    return Decoder.from_hf(hf).eval()
+
+
+@torch.no_grad()
+def measure_variant(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict) -> tuple[list, list]:
+    torch.cuda.empty_cache()
+    model = build_variant(target, variant, settings, device, plans)
+    shape: DecoderShape = model.shape
+    base = _base_row(target, variant)
+    backends = _backends(model)
+    latency, memory = [], []
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    for phase, batch, length in settings.cases():
+        if phase == "prefill":
+            cache = StaticCache(shape, batch, length, model.embed_tokens.weight.dtype, device)
+            tokens = torch.randint(0, shape.vocab, (batch, length), device=device, generator=generator)
+            positions = torch.arange(length, device=device)
+            run = lambda: model(tokens, positions, cache, attend=length, causal_prefill=True)  # noqa: E731
+            samples = _time_events(run, max(1, settings.warmup // 2), max(3, settings.repeats // 3))
+            graph = False
+        else:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            cache = StaticCache(shape, batch, length + 1, model.embed_tokens.weight.dtype, device)
+            cache.keys.normal_(generator=generator)
+            cache.values.normal_(generator=generator)
+            tokens = torch.randint(0, shape.vocab, (batch, 1), device=device, generator=generator)
+            positions = torch.full((1,), length, device=device, dtype=torch.long)
+            step = lambda: model(tokens, positions, cache, attend=length + 1)  # noqa: E731
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up outside capture (allocations, autotuned launches)
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph_handle = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph_handle):
+                step()
+            samples = _time_events(graph_handle.replay, settings.warmup, settings.repeats)
+            graph = True
+            memory.append({**base, "batch": batch, "context": length, "linear_weight_bytes": _linear_bytes(model),
+                           "model_weight_bytes": _model_bytes(model), "kv_cache_bytes": cache.nbytes,
+                           "max_memory_allocated": int(torch.cuda.max_memory_allocated(device)),
+                           "nvml_used_bytes": nvml_snapshot(device.index or 0).get("used_bytes"),
+                           "status": "measured"})
+            del graph_handle
+        median, q1, q3 = _quartiles(samples)
+        new_tokens = batch * (length if phase == "prefill" else 1)
+        latency.append({**base, "phase": phase, "batch": batch, "length": length, "median_ms": median,
+                        "q1_ms": q1, "q3_ms": q3, "repeats": len(samples),
+                        "tokens_per_s": new_tokens / (median / 1e3), "cuda_graph": graph, "backends": backends,
+                        "status": "measured"})
+        log.info("%s %s %s%s %s b=%d len=%d: %.3f ms", target, variant.method, variant.pattern,
+                 "+shuffle" if variant.shuffle else "", phase, batch, length, median)
+        del cache
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+    return latency, memory
+
+
+def profile_target(target: str, variants: list[Variant], settings: ProfileSettings, device: str) -> dict:
+    """Measure every variant and case on `device`; without CUDA, the not-measured record."""
+    if torch.device(device).type != "cuda":
+        return not_measured(target, variants, settings, f"device is {device}, profiling needs a CUDA device")
+    if not torch.cuda.is_available():
+        return not_measured(target, variants, settings, "no CUDA device (torch.cuda.is_available() is False)")
+    if target not in PROFILE_SHAPES and any(v.weights == "random" for v in variants):
+        raise ConfigError(f"unknown profile shape {target!r}; allowed: {', '.join(PROFILE_SHAPES)}")
+    dev = torch.device(device if ":" in device else "cuda:0")
+    start = nvml_snapshot(dev.index or 0)
+    plans: dict = {}
+    latency, memory = [], []
+    for variant in variants:
+        rows_l, rows_m = measure_variant(target, variant, settings, dev, plans)
+        latency += rows_l
+        memory += rows_m
+    return {"target": target, "measured": True, "gpu_start": start, "gpu_end": nvml_snapshot(dev.index or 0),
+            "device_name": torch.cuda.get_device_name(dev), "settings": asdict(settings),
+            "timing": "CUDA events; decode: one CUDA-graph replay per sample; prefill: eager forward",
+            "latency": latency, "memory": memory}

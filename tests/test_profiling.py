@@ -1,0 +1,97 @@
+"""Profiling on a machine without CUDA: nothing is measured and every row says so; the pieces the GPU
+run relies on (random 2:4 layers, the sparse decoder) are checked on the CPU."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from esparse.decoder import Decoder, DecoderShape, StaticCache
+from esparse.io import read_json
+from esparse.pipeline import profile_step, profile_tables_step
+from esparse.profiling import (LATENCY_COLUMNS, MEMORY_COLUMNS, ProfileSettings, profile_target,
+                               random_packed_24, random_variants)
+
+SETTINGS = {"enabled": True, "targets": ["llama-7b"], "dtype": "float16",
+            "prefill": {"prompts": [128, 2048], "batches": [1, 8]}, "decode": {"contexts": [128, 2048], "batches": [1, 32]},
+            "warmup": 2, "repeats": 8, "tune_reps": 3, "seed": 0}
+
+
+def test_without_cuda_every_case_is_named_and_carries_no_number():
+    settings = ProfileSettings.from_config(SETTINGS)
+    record = profile_target("llama-7b", random_variants(), settings, "cpu")
+    assert record["measured"] is False and "CUDA" in record["reason"]
+    assert len(record["latency"]) == 3 * (4 + 4) and len(record["memory"]) == 3 * 4
+    for row in record["latency"]:
+        assert row["status"].startswith("not measured: ")
+        assert all(row[k] is None for k in ("median_ms", "q1_ms", "q3_ms", "tokens_per_s"))
+    for row in record["memory"]:
+        assert all(row[k] is None for k in ("linear_weight_bytes", "max_memory_allocated", "nvml_used_bytes"))
+    assert {(r["method"], r["shuffle"]) for r in record["latency"]} == {("dense", False), ("magnitude", False),
+                                                                         ("magnitude", True)}
+
+
+def test_profile_rule_step_and_tables(tmp_path):
+    out = tmp_path / "profile" / "llama-7b.json"
+    profile_step("llama-7b", {}, SETTINGS, "global+local", "cpu", str(out), {"preset": "smoke"}, {"target": "llama-7b"})
+    record = read_json(out)
+    assert record["provenance"]["seeds"] == {"profiling": 0}
+    latency, memory = tmp_path / "latency.csv", tmp_path / "memory.csv"
+    profile_tables_step([str(out)], str(latency), str(memory))
+    table = pd.read_csv(latency)
+    assert list(table.columns) == LATENCY_COLUMNS and table["median_ms"].isna().all()
+    assert list(pd.read_csv(memory).columns) == MEMORY_COLUMNS
+
+
+def test_token_counts_cover_every_gemm_of_the_cases():
+    settings = ProfileSettings.from_config(SETTINGS)
+    assert settings.token_counts() == [1, 8, 32, 128, 1024, 2048, 16384]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_random_layer_is_magnitude_24_in_the_order_the_kernel_reads(shuffle):
+    from esparse_kernels.pack import unpack_24, unpack_24_permuted
+
+    generator = torch.Generator().manual_seed(0)
+    packed = random_packed_24(16, 64, shuffle, generator, torch.float32, "cpu")
+    assert (packed.perm is not None) == shuffle
+    ordered = unpack_24_permuted(packed).reshape(16, 16, 4)
+    assert ((ordered != 0).sum(-1) <= 2).all()
+    dense = unpack_24(packed)  # original column order
+    assert (dense != 0).float().mean().item() == 0.5
+
+
+def test_sparse_decoder_equals_the_masked_dense_decoder():
+    """SparseLinear layers (CPU reference path, with permutations) inside the profiling decoder give the
+    logits of the same decoder holding the masked dense weights."""
+    from esparse_kernels.linear import SparseLinear
+    from esparse_kernels.pack import unpack_24
+
+    shape = DecoderShape(hidden=32, intermediate=64, heads=4, kv_heads=2, layers=2, vocab=40)
+    generator = torch.Generator().manual_seed(1)
+    packed = {}
+
+    def sparse(name, out_f, in_f):
+        packed[len(packed)] = p = random_packed_24(out_f, in_f, True, generator, torch.float16, "cpu")
+        return SparseLinear(p, None, None)
+
+    torch.manual_seed(0)
+    sparse_model = Decoder(shape, linear_factory=sparse, dtype=torch.float16)
+    order = iter(range(len(packed)))
+
+    def dense(name, out_f, in_f):
+        linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.float32)
+        linear.weight.data = unpack_24(packed[next(order)]).float()
+        return linear
+
+    torch.manual_seed(0)
+    dense_model = Decoder(shape, linear_factory=dense, dtype=torch.float32)
+    dense_model.embed_tokens.weight.data = sparse_model.embed_tokens.weight.data.float()
+    dense_model.lm_head.weight.data = sparse_model.lm_head.weight.data.float()
+    tokens = torch.randint(0, 40, (2, 6), generator=generator)
+    with torch.no_grad():
+        got = sparse_model.float()(tokens, torch.arange(6), StaticCache(shape, 2, 6, torch.float32, "cpu"), 6, True)
+        want = dense_model(tokens, torch.arange(6), StaticCache(shape, 2, 6, torch.float32, "cpu"), 6, True)
+    assert math.isfinite(float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
