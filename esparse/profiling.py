@@ -196,7 +196,7 @@ def _random_sparse_factory(settings: ProfileSettings, shuffle: bool, device, dty
     def factory(name, out_f, in_f):
         packed = random_packed_24(out_f, in_f, shuffle, generator, dtype, device)
         key = (out_f, in_f)
-        if key not in plans:  # tuned once per shape, on a permuted weight (the gather included)
+        if key not in plans:  # tuned once per shape (on the first 2:4 variant built), shared by both
             buckets = tuple(settings.token_counts())
             plans[key] = {int(t): entry for t, entry in
                           tune_shape(packed, buckets, device, settings.tune_reps, log=None, include_cslt=False).items()}
@@ -281,7 +281,8 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
     return latency, memory
 
 
-def profile_target(target: str, variants: list[Variant], settings: ProfileSettings, device: str) -> dict:
+def profile_target(target: str, variants: list[Variant], settings: ProfileSettings, device: str,
+                   on_variant=None) -> dict:
     """Measure every variant and case on `device`; without CUDA, the not-measured record."""
     if torch.device(device).type != "cuda":
         return not_measured(target, variants, settings, f"device is {device}, profiling needs a CUDA device")
@@ -297,7 +298,52 @@ def profile_target(target: str, variants: list[Variant], settings: ProfileSettin
         rows_l, rows_m = measure_variant(target, variant, settings, dev, plans)
         latency += rows_l
         memory += rows_m
+        if on_variant is not None:  # e.g. save what is measured so far (a killed run keeps it)
+            on_variant(latency, memory)
     return {"target": target, "measured": True, "gpu_start": start, "gpu_end": nvml_snapshot(dev.index or 0),
             "device_name": torch.cuda.get_device_name(dev), "settings": asdict(settings),
             "timing": "CUDA events; decode: one CUDA-graph replay per sample; prefill: eager forward",
             "latency": latency, "memory": memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile one random-weight shape outside the pipeline (the lent GPU's one-off runs):
+    python -m esparse.profiling --target llama-7b --prefill 2048:1 --decode 2048:1 --out DIR"""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--target", default="llama-7b", choices=sorted(PROFILE_SHAPES))
+    parser.add_argument("--prefill", default="2048:1", help="PROMPT:BATCH,... (time to first token)")
+    parser.add_argument("--decode", default="2048:1", help="CONTEXT:BATCH,... (CUDA-graph decode step)")
+    parser.add_argument("--variants", default="dense,2:4,2:4+shuffle")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tune-reps", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    def pairs(text):
+        return [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item]
+
+    prefill, decode = pairs(args.prefill), pairs(args.decode)
+    settings = ProfileSettings(prefill_prompts=sorted({p for p, _ in prefill}), prefill_batches=sorted({b for _, b in prefill}),
+                               decode_contexts=sorted({c for c, _ in decode}), decode_batches=sorted({b for _, b in decode}),
+                               warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps)
+    known = {"dense": Variant("dense", "dense", False, "random"), "2:4": Variant("magnitude", "2:4", False, "random"),
+             "2:4+shuffle": Variant("magnitude", "2:4", True, "random")}
+    variants = [known[name] for name in args.variants.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(latency, memory):
+        (out / f"profile_{args.target}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))
+
+    record = profile_target(args.target, variants, settings, "cuda", on_variant=save)
+    (out / f"profile_{args.target}.json").write_text(json.dumps(record, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
