@@ -4,9 +4,12 @@ Two computations over every window, sharing only the model's forward pass:
 - esparse: the mirror loader, `esparse.perplexity.token_stream` and `window_nll`;
 - independent: the raw wiki.test.raw split into rows the way the Hub builder does, the tokenizer
   called directly, and the model's own `labels=` loss (transformers' shift and mean).
-Prints both perplexities and their relative difference; exits 1 above --tolerance.
+Prints both perplexities and their relative difference; exits 1 above --tolerance. With
+--against, the perplexity that the pipeline's `perplexity` rule recorded (a results/ppl/... JSON of the
+same model, seqlen and window count) must also agree with the independent one.
 
-    python tests/independent_ppl_check.py resources/models/smollm2-135m ../shared/data --seqlen 2048
+    python tests/independent_ppl_check.py resources/models/smollm2-135m ../shared/data --seqlen 2048 \
+        [--against results/ppl/smollm2-135m/dense/dense.json]
 """
 
 import argparse
@@ -26,6 +29,7 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--against", help="a perplexity JSON written by the pipeline's perplexity rule")
     args = parser.parse_args()
     from esparse.data import load_records
     from esparse.models import load_model
@@ -50,10 +54,20 @@ def main() -> int:
     ours = math.exp(ours_nll / (windows * seqlen))
     theirs = math.exp(theirs_nll / (windows * seqlen))
     rel = abs(ours - theirs) / theirs
-    print(json.dumps({"seqlen": seqlen, "windows": windows, "rows": len(rows),
-                      "token_streams_equal": bool(torch.equal(ours_tokens, their_tokens)),
-                      "esparse_ppl": ours, "independent_ppl": theirs, "relative_difference": rel}, indent=2))
-    return 0 if rel <= args.tolerance and torch.equal(ours_tokens, their_tokens) else 1
+    report = {"seqlen": seqlen, "windows": windows, "rows": len(rows),
+              "token_streams_equal": bool(torch.equal(ours_tokens, their_tokens)),
+              "esparse_ppl": ours, "independent_ppl": theirs, "relative_difference": rel}
+    ok = rel <= args.tolerance and report["token_streams_equal"]
+    if args.against:
+        recorded = json.loads(Path(args.against).read_text())
+        same_protocol = recorded["seqlen"] == seqlen and recorded["windows"] == windows
+        pipeline_rel = abs(recorded["ppl"] - theirs) / theirs
+        report.update({"pipeline_record": args.against, "pipeline_ppl": recorded["ppl"],
+                       "pipeline_windows": recorded["windows"], "pipeline_relative_difference": pipeline_rel})
+        ok = ok and same_protocol and pipeline_rel <= args.tolerance
+    report["passed"] = ok
+    print(json.dumps(report, indent=2))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
