@@ -38,7 +38,8 @@ Tolerances (printed with every audit):
   (float reductions in another order may flip near-tied scores), not FAIL.
 - always identical: calibration tokens, evaluation token streams, dense model weights, table
   keys (model, method, pattern, task, metric), seqlen and window counts, data sources.
-- never compared: wall-clock timings (columns named *seconds*, *time*, *_s, *_ms, *_us).
+- never compared: wall-clock timings and memory use (columns named *seconds*, *time*, *_s, *_ms,
+  *_us, *memory*, *nvml*).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Tolerances:
                                            f"{self.ref_float_rtol_other_cpu:g}; masks/perms/weights sha: WARN"),
             ("reference, always", "calibration tokens, eval token streams, dense weights, table keys, "
                                   "seqlen/windows, data sources identical"),
-            ("reference, never compared", "wall-clock timings"),
+            ("reference, never compared", "wall-clock timings and memory use"),
         ]
 
 
@@ -758,13 +759,16 @@ TABLE_KEYS = {
     "wikitext_ppl.csv": ["model", "method", "pattern"],
     "zeroshot.csv": ["model", "method", "pattern", "task", "metric"],
     "ablation.csv": ["variant"],
+    "latency.csv": ["target", "weights", "method", "pattern", "shuffle", "phase", "batch", "length"],
+    "memory.csv": ["target", "weights", "method", "pattern", "shuffle", "batch", "context"],
 }
 
 
 def _is_timing(column: str) -> bool:
-    """Wall-clock measurements differ between any two runs: never compared."""
+    """Wall-clock and memory-use measurements differ between any two runs: never compared."""
     name = column.lower()
-    return "seconds" in name or name.endswith(("_s", "_ms", "_us")) or "time" in name
+    return ("seconds" in name or name.endswith(("_s", "_ms", "_us")) or "time" in name
+            or "memory" in name or "nvml" in name)
 
 
 def _compare_table(name: str, ours, ref, same_cpu: bool, tol: Tolerances) -> list[str]:
