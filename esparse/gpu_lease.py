@@ -37,6 +37,18 @@ LEASE_DIR_ENV = "ESPARSE_GPU_LEASE_DIR"
 SLOTS_ENV = "ESPARSE_GPU_SLOTS"      # K: lease among the first K visible devices only
 
 
+def export_slots(global_resources) -> int:
+    """Set ESPARSE_GPU_SLOTS from Snakemake's `--resources gpu=K` (its `workflow.global_resources`), so
+    that the local jobs it starts, which inherit the environment, lease among the first K devices.
+    Returns K (0: no gpu resource given, nothing set)."""
+    value = (global_resources or {}).get("gpu")
+    value = getattr(value, "value", value)  # Snakemake wraps parsed resources in objects with .value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        os.environ[SLOTS_ENV] = str(int(value))
+        return int(value)
+    return 0
+
+
 def default_lease_dir() -> Path:
     """Per machine and user: GPUs are per machine, and users must not block each other's files."""
     return Path(os.environ.get(LEASE_DIR_ENV) or Path(tempfile.gettempdir()) / f"esparse-gpu-lease-{os.getuid()}")

@@ -20,8 +20,18 @@ log = logging.getLogger("esparse")
 
 
 @contextmanager
-def step_logging(log_path: str | None, threads: int | None = None):
-    """Send logging, warnings and progress bars of one step to its log file."""
+def step_logging(log_path: str | None, threads: int | None = None, gpus: int = 0):
+    """Send logging, warnings and progress bars of one step to its log file; a GPU step first leases
+    its own device(s) (esparse.gpu_lease: CUDA_VISIBLE_DEVICES), so parallel GPU jobs do not share one."""
+    from .gpu_lease import gpu_lease
+
+    with gpu_lease(gpus):
+        with _step_log(log_path, threads):
+            yield
+
+
+@contextmanager
+def _step_log(log_path: str | None, threads: int | None):
     if threads:
         torch.set_num_threads(int(threads))
     if log_path is None:

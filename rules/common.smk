@@ -4,6 +4,7 @@ from pathlib import Path
 
 from esparse.config import device_for, export_package_path, resolve_config
 from esparse.errors import EsparseError
+from esparse.gpu_lease import export_slots as export_gpu_slots
 from esparse.models import model_slug
 from esparse.pipeline import ablation_variants
 from esparse.pruning.pattern import SparsityPattern
@@ -16,6 +17,8 @@ except EsparseError as error:
 
 # Jobs (local, conda or SLURM) import the package from this checkout.
 export_package_path(workflow.basedir)
+# `--resources gpu=K`: local GPU jobs lease one of the first K devices each (esparse/gpu_lease.py).
+export_gpu_slots(getattr(workflow, "global_resources", None))
 # The pinned environment the rules run in with --sdm conda (relative to rules/).
 RULE_ENV = "../envs/esparse-cuda.yaml" if DEVICE == "cuda" else "../envs/esparse-cpu.yaml"
 

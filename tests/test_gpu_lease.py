@@ -156,3 +156,16 @@ def test_command_line_wrapper_holds_the_lease_for_the_command(tmp_path):
     lease.release()
     with pytest.raises(SystemExit):
         main(["--gpus", "1"])
+
+
+def test_snakemake_gpu_resource_sets_the_slot_count(monkeypatch):
+    from esparse.gpu_lease import SLOTS_ENV, export_slots
+
+    class Parsed:  # Snakemake's parsed resource wrapper
+        def __init__(self, value):
+            self.value = value
+
+    monkeypatch.delenv(SLOTS_ENV, raising=False)
+    assert export_slots({"_cores": Parsed(8)}) == 0 and SLOTS_ENV not in os.environ
+    assert export_slots({"gpu": Parsed(2)}) == 2 and os.environ[SLOTS_ENV] == "2"
+    assert export_slots({"gpu": 3}) == 3 and os.environ[SLOTS_ENV] == "3"

@@ -1,6 +1,6 @@
 from esparse.pipeline import perplexity_step, step_logging
 
-with step_logging(snakemake.log[0], snakemake.threads):
+with step_logging(snakemake.log[0], snakemake.threads, gpus=snakemake.resources.get("gpu", 0)):
     perplexity_step(snakemake.input.model, snakemake.params.dataset, snakemake.params.mirror,
                     snakemake.params.seqlen, snakemake.params.max_windows, snakemake.params.device,
                     snakemake.params.dtype, snakemake.output[0], snakemake.config, dict(snakemake.wildcards))
