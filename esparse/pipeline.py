@@ -389,18 +389,26 @@ def profile_tables_step(json_paths: list[str], latency_csv: str, memory_csv: str
             table.to_csv(tmp, index=False)
 
 
-def ppl_table_step(json_paths: list[str], out_csv: str) -> pd.DataFrame:
+def ppl_table_step(json_paths: list[str], out_csv: str, pruned_dirs: list[str] | None = None) -> pd.DataFrame:
+    """One row per perplexity record; pruning time and peak memory from each pruned model's prune.json
+    (pruned_dirs), else as the perplexity record copied them."""
+    summaries = {}
+    for directory in pruned_dirs or []:
+        record = read_json(Path(directory) / "prune.json")
+        parts = Path(directory).parts
+        summaries[(parts[-3], parts[-2], parts[-1])] = record["summary"]
     rows = []
     for path in json_paths:
         record = read_json(path)
+        summary = summaries.get((record["model"], record["method"], record["pattern"]))
         rows.append({
             "model": record["model"], "method": record["method"], "pattern": record["pattern"],
             "seqlen": record["seqlen"], "windows": record["windows"],
             "windows_available": record["windows_available"], "ppl": record["ppl"],
             "achieved_sparsity": record["achieved_sparsity"], "masks_sha256": record["masks_sha256"],
-            "prune_seconds": record.get("prune_seconds"),
-            "prune_peak_memory_bytes": record.get("prune_peak_memory_bytes"),
-            "prune_device": record.get("prune_device"),
+            "prune_seconds": summary["seconds"] if summary else record.get("prune_seconds"),
+            "prune_peak_memory_bytes": summary["peak_memory_bytes"] if summary else record.get("prune_peak_memory_bytes"),
+            "prune_device": summary["device"] if summary else record.get("prune_device"),
         })
     table = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:

@@ -30,10 +30,17 @@ rule perplexity:
 rule ppl_table:
     """Tidy table of every WikiText-2 perplexity."""
     input:
-        [
+        ppl=[
             f"{RESULTS}/ppl/{model}/{method}/{pattern}.json"
             for model in MODELS
             for method, pattern in method_pattern_pairs()
+        ],
+        # pruning time and memory come from the pruned models' own records
+        pruned=[
+            f"{RESULTS}/pruned/{model}/{method}/{pattern}"
+            for model in MODELS
+            for method, pattern in method_pattern_pairs()
+            if method != "dense"
         ],
     output:
         report(f"{RESULTS}/tables/wikitext_ppl.csv", caption="../workflow/report/wikitext_ppl.rst", category="Tables"),
