@@ -367,8 +367,8 @@ def profile_step(target: str, inputs: dict[str, str], settings: dict, esparse_sh
     for name, path in sorted(inputs.items()):
         where = _Path(path)
         if (where / "prune.json").exists():
-            checksums[name] = {"masks": read_json(where / "prune.json")["masks_sha256"],
-                               "weights": read_json(where / "prune.json")["weights_sha256"]}
+            pruned = read_json(where / "prune.json")
+            checksums[name] = {"masks": pruned["masks_sha256"], "weights": pruned["weights_sha256"]}
         elif where.is_dir():
             checksums[name] = model_manifest(path).get("weights_sha256")
         else:
