@@ -39,7 +39,7 @@ Tolerances (printed with every audit):
 - always identical: calibration tokens, evaluation token streams, dense model weights, table
   keys (model, method, pattern, task, metric), seqlen and window counts, data sources.
 - never compared: wall-clock timings and memory use (columns named *seconds*, *time*, *_s, *_ms,
-  *_us, *memory*, *nvml*).
+  *_us, *memory*, *nvml*, *resident*).
 """
 
 from __future__ import annotations
@@ -768,7 +768,7 @@ def _is_timing(column: str) -> bool:
     """Wall-clock and memory-use measurements differ between any two runs: never compared."""
     name = column.lower()
     return ("seconds" in name or name.endswith(("_s", "_ms", "_us")) or "time" in name
-            or "memory" in name or "nvml" in name)
+            or "memory" in name or "nvml" in name or "resident" in name)
 
 
 def _compare_table(name: str, ours, ref, same_cpu: bool, tol: Tolerances) -> list[str]:

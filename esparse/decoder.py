@@ -114,8 +114,11 @@ class StaticCache:
 class Decoder(nn.Module):
     """LLaMA decoder. `linear_factory(name, out, in)` builds each block linear (default nn.Linear)."""
 
-    def __init__(self, shape: DecoderShape, linear_factory=None, dtype=torch.float32, device="cpu"):
+    def __init__(self, shape: DecoderShape, linear_factory=None, dtype=torch.float32, device="cpu",
+                 fused: bool | None = None):
         super().__init__()
+        # fused: the non-GEMM work in three Triton kernels (esparse_kernels.fused); default on CUDA
+        self.fused = torch.device(device).type == "cuda" if fused is None else bool(fused)
         factory = linear_factory or (lambda name, out_f, in_f: nn.Linear(in_f, out_f, bias=False,
                                                                         dtype=dtype, device=device))
         self.shape = shape
@@ -151,6 +154,8 @@ class Decoder(nn.Module):
             raise ConfigError(f"attend {attend} exceeds the cache length {cache.max_len}")
         hidden = self.embed_tokens(tokens)
         cos, sin = self._rope(positions, hidden.dtype)
+        if self.fused:
+            return self._forward_fused(hidden, positions, cos, sin, cache, attend, causal_prefill, last_only)
         mask = None
         if not causal_prefill:
             mask = torch.arange(attend, device=tokens.device).unsqueeze(0) <= positions.unsqueeze(1)
@@ -176,15 +181,52 @@ class Decoder(nn.Module):
             hidden = hidden[:, -1:]
         return self.lm_head(self.norm(hidden))
 
+    def _forward_fused(self, hidden, positions, cos, sin, cache: StaticCache, attend: int, causal_prefill: bool,
+                       last_only: bool) -> torch.Tensor:
+        """forward() with the non-GEMM work fused: per block two add+RMSNorm, one rope+cache-write and
+        one SiLU*mul launch around the seven linears and the attention kernel."""
+        from esparse_kernels.fused import add_rms_norm, rope_cache, silu_mul
+
+        shape = self.shape
+        batch, length, _ = hidden.shape
+        hidden = hidden.contiguous()
+        bias = None
+        if not causal_prefill:
+            # additive mask built once per step; its row stride padded to 8 elements so that SDPA's
+            # memory-efficient kernel takes it as is (no per-layer padding copy)
+            padded = -(-attend // 8) * 8
+            allowed = torch.arange(padded, device=hidden.device).unsqueeze(0) <= positions.unsqueeze(1)
+            bias = torch.zeros((length, padded), dtype=hidden.dtype, device=hidden.device)
+            bias = bias.masked_fill_(~allowed, float("-inf"))[:, :attend]
+        delta = None
+        for index, block in enumerate(self.layers):
+            x = add_rms_norm(hidden, delta, block.input_layernorm.weight, block.input_layernorm.eps)
+            attn = block.self_attn
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            rope_cache(q, k, v, cos, sin, positions, cache.keys[index], cache.values[index])
+            out = F.scaled_dot_product_attention(
+                q.view(batch, length, shape.heads, shape.head_dim).transpose(1, 2),
+                cache.keys[index][:, :, :attend], cache.values[index][:, :, :attend], attn_mask=bias,
+                is_causal=causal_prefill, enable_gqa=shape.kv_heads != shape.heads)
+            delta = attn.o_proj(out.transpose(1, 2).reshape(batch, length, shape.hidden))
+            x = add_rms_norm(hidden, delta, block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)
+            mlp = block.mlp
+            delta = mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        normed = add_rms_norm(hidden, delta, self.norm.weight, self.norm.eps)
+        if last_only:
+            normed = normed[:, -1:]
+        return self.lm_head(normed)
+
     @classmethod
-    def from_hf(cls, hf_model, linear_factory=None) -> "Decoder":
+    def from_hf(cls, hf_model, linear_factory=None, fused: bool | None = None) -> "Decoder":
         """A Decoder holding `hf_model`'s weights (LLaMA/Mistral/Qwen2-style, no linear biases).
 
         linear_factory(name, hf_linear) may replace a block linear (e.g. by a SparseLinear); names are
         "layers.<i>.<self_attn|mlp>.<proj>" relative to the decoder stack."""
         shape = DecoderShape.from_hf_config(hf_model.config)
         weight = hf_model.get_input_embeddings().weight
-        model = cls(shape, linear_factory=lambda name, o, i: nn.Identity(), dtype=weight.dtype, device="meta")
+        model = cls(shape, linear_factory=lambda name, o, i: nn.Identity(), dtype=weight.dtype, device="meta",
+                    fused=weight.device.type == "cuda" if fused is None else fused)
         stack = hf_model.model
         model.embed_tokens = stack.embed_tokens
         model.norm.weight = stack.norm.weight

@@ -363,6 +363,16 @@ def profile_step(target: str, inputs: dict[str, str], settings: dict, esparse_sh
         variants = random_variants()
     record = profile_target(target, variants, profile_settings, device)
     record["variants"] = [vars(v) for v in variants]
+    if record["measured"]:  # the kernel model must generate what the masked dense model generates
+        from .profiling import greedy_agreement
+
+        record["greedy_agreement"] = [
+            {"method": v.method, **greedy_agreement(v.model_dir, v.kernel_dir, device, profile_settings.dtype)}
+            for v in variants if v.kernel_dir]
+        for check in record["greedy_agreement"]:
+            log.info("greedy %s 2:4 over %d prompts: %s (first differences %s)", check["method"],
+                     len(check["prompts"]), "agree" if check["agree"] else "DIFFER",
+                     [p["first_difference"] for p in check["prompts"]])
     checksums = {}
     for name, path in sorted(inputs.items()):
         where = _Path(path)

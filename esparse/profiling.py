@@ -13,6 +13,11 @@ depend on weight values; for random shapes the shuffled variant uses a random pe
 costs the same gather as any other. The permutation is always paid at run time (the kernels gather
 the input through it).
 
+On CUDA the decoder runs its non-GEMM work in fused Triton kernels (`decoder` = fused), dense and
+sparse alike. The decode peak memory is measured after dropping what earlier cases left allocated
+and a decode step does not use (the shared decompression scratch of the prefill cases, cuBLAS's
+per-stream workspaces), for the dense model too.
+
 Without CUDA nothing is measured: every row says "not measured: ..." with the reason and carries no
 number.
 """
@@ -33,9 +38,9 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 LATENCY_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "phase", "batch", "length",
-                   "median_ms", "q1_ms", "q3_ms", "repeats", "tokens_per_s", "cuda_graph", "backends", "status"]
+                   "median_ms", "q1_ms", "q3_ms", "repeats", "tokens_per_s", "cuda_graph", "decoder", "backends", "status"]
 MEMORY_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "batch", "context",
-                  "linear_weight_bytes", "model_weight_bytes", "kv_cache_bytes", "max_memory_allocated",
+                  "linear_weight_bytes", "model_weight_bytes", "kv_cache_bytes", "resident_bytes", "max_memory_allocated",
                   "nvml_used_bytes", "status"]
 
 
@@ -60,6 +65,7 @@ class ProfileSettings:
     tune_reps: int = 10
     dtype: str = "float16"
     seed: int = 0
+    fused: bool = True      # False: the eager decoder (A/B of the fusion; CLI --eager)
 
     @classmethod
     def from_config(cls, section: dict) -> "ProfileSettings":
@@ -198,8 +204,11 @@ def _random_sparse_factory(settings: ProfileSettings, shuffle: bool, device, dty
         key = (out_f, in_f)
         if key not in plans:  # tuned once per shape (on the first 2:4 variant built), shared by both
             buckets = tuple(settings.token_counts())
+            # the CUDA mma.sp kernel supersedes the Triton ones on this path (docs/PERFORMANCE.md); leaving
+            # Triton out saves minutes of JIT compilation per shape
             plans[key] = {int(t): entry for t, entry in
-                          tune_shape(packed, buckets, device, settings.tune_reps, log=None, include_cslt=False).items()}
+                          tune_shape(packed, buckets, device, settings.tune_reps, log=None, include_cslt=False,
+                                     include_triton=False).items()}
         return SparseLinear(packed, None, plans[key], allow_dense=False)
     return factory
 
@@ -210,7 +219,7 @@ def build_variant(target: str, variant: Variant, settings: ProfileSettings, devi
         shape = PROFILE_SHAPES[target]
         torch.manual_seed(settings.seed)
         factory = None if variant.pattern == "dense" else _random_sparse_factory(settings, variant.shuffle, device, dtype, plans)
-        return Decoder(shape, linear_factory=factory, dtype=dtype, device=device).eval()
+        return Decoder(shape, linear_factory=factory, dtype=dtype, device=device, fused=settings.fused).eval()
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(variant.model_dir, dtype=dtype).to(device).eval()
@@ -220,7 +229,19 @@ def build_variant(target: str, variant: Variant, settings: ProfileSettings, devi
         swapped = swap_sparse_linears(hf, variant.kernel_dir, allow_dense=False)
         if not swapped:
             raise ConfigError(f"no layer of {variant.model_dir} was replaced from {variant.kernel_dir}")
-    return Decoder.from_hf(hf).eval()
+    return Decoder.from_hf(hf, fused=settings.fused).eval()
+
+
+def release_scratch() -> None:
+    """Drop what earlier cases left allocated and a decode step does not use: the kernels' shared
+    decompression scratch and cuBLAS's per-stream workspaces (dense and sparse models alike)."""
+    try:
+        from esparse_kernels.build import release_cublas_workspaces
+        from esparse_kernels.linear import release_scratch as release
+    except ImportError:  # the kernels package is absent: nothing was allocated by it
+        return
+    release()
+    release_cublas_workspaces()
 
 
 @torch.no_grad()
@@ -241,13 +262,18 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
             samples = _time_events(run, max(1, settings.warmup // 2), max(3, settings.repeats // 3))
             graph = False
         else:
+            # the prefill cases' shared decompression scratch is not part of a decode step: drop it so
+            # that the decode peak counts what decoding needs (weights, cache, workspaces, activations)
+            release_scratch()
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             cache = StaticCache(shape, batch, length + 1, model.embed_tokens.weight.dtype, device)
             cache.keys.normal_(generator=generator)
             cache.values.normal_(generator=generator)
             tokens = torch.randint(0, shape.vocab, (batch, 1), device=device, generator=generator)
             positions = torch.full((1,), length, device=device, dtype=torch.long)
+            resident = torch.cuda.memory_allocated(device)  # weights, cache, workspaces: before the step
             step = lambda: model(tokens, positions, cache, attend=length + 1)  # noqa: E731
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -262,6 +288,7 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
             graph = True
             memory.append({**base, "batch": batch, "context": length, "linear_weight_bytes": _linear_bytes(model),
                            "model_weight_bytes": _model_bytes(model), "kv_cache_bytes": cache.nbytes,
+                           "resident_bytes": int(resident),
                            "max_memory_allocated": int(torch.cuda.max_memory_allocated(device)),
                            "nvml_used_bytes": nvml_snapshot(device.index or 0).get("used_bytes"),
                            "status": "measured"})
@@ -270,7 +297,8 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
         new_tokens = batch * (length if phase == "prefill" else 1)
         latency.append({**base, "phase": phase, "batch": batch, "length": length, "median_ms": median,
                         "q1_ms": q1, "q3_ms": q3, "repeats": len(samples),
-                        "tokens_per_s": new_tokens / (median / 1e3), "cuda_graph": graph, "backends": backends,
+                        "tokens_per_s": new_tokens / (median / 1e3), "cuda_graph": graph,
+                        "decoder": "fused" if model.fused else "eager", "backends": backends,
                         "status": "measured"})
         log.info("%s %s %s%s %s b=%d len=%d: %.3f ms", target, variant.method, variant.pattern,
                  "+shuffle" if variant.shuffle else "", phase, batch, length, median)
@@ -279,6 +307,49 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
     del model
     torch.cuda.empty_cache()
     return latency, memory
+
+
+GREEDY_PROMPTS = (
+    "The history of the city begins in the twelfth century, when",
+    "In 1998, the band released their second album,",
+    "The game is played on a board of sixty-four squares, and each player",
+)
+
+
+@torch.no_grad()
+def greedy_agreement(model_dir: str, kernel_dir: str, device, dtype: str = "float16", new_tokens: int = 32,
+                     prompts: tuple[str, ...] = GREEDY_PROMPTS) -> dict:
+    """Greedy continuations of each prompt by the pruned model with its masked dense weights (cuBLAS) and by
+    the same model with its 2:4 layers swapped for the packed kernels (plan's sparse paths only); they
+    should agree token for token. Returns both token lists per prompt and where they first differ (None: never)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from esparse_kernels.linear import swap_sparse_linears
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens: dict[str, list[list[int]]] = {}
+    swapped: list[str] = []
+    for kind in ("dense_masked", "kernels"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        if kind == "kernels":
+            swapped = swap_sparse_linears(model, kernel_dir, allow_dense=False)
+            if not swapped:
+                raise ConfigError(f"no layer of {model_dir} was replaced from {kernel_dir}")
+        tokens[kind] = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=tokenizer.eos_token_id)
+            tokens[kind].append(out[0, ids.shape[1]:].tolist())
+        del model
+    per_prompt = []
+    for prompt, ref, ours in zip(prompts, tokens["dense_masked"], tokens["kernels"]):
+        first = next((i for i, (a, b) in enumerate(zip(ref, ours)) if a != b), None)
+        per_prompt.append({"prompt": prompt, "dense_masked_tokens": ref, "kernel_tokens": ours,
+                           "first_difference": first, "agree": first is None and len(ref) == len(ours) == new_tokens,
+                           "dense_masked_text": tokenizer.decode(ref), "kernel_text": tokenizer.decode(ours)})
+    return {"model_dir": str(model_dir), "kernel_dir": str(kernel_dir), "dtype": dtype, "new_tokens": new_tokens,
+            "layers_swapped": len(swapped), "agree": all(p["agree"] for p in per_prompt), "prompts": per_prompt}
 
 
 def profile_target(target: str, variants: list[Variant], settings: ProfileSettings, device: str,
@@ -320,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tune-reps", type=int, default=5)
+    parser.add_argument("--eager", action="store_true", help="the unfused decoder (A/B of the fused kernels)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -330,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     prefill, decode = pairs(args.prefill), pairs(args.decode)
     settings = ProfileSettings(prefill_prompts=sorted({p for p, _ in prefill}), prefill_batches=sorted({b for _, b in prefill}),
                                decode_contexts=sorted({c for c, _ in decode}), decode_batches=sorted({b for _, b in decode}),
-                               warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps)
+                               warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps,
+                               fused=not args.eager)
     known = {"dense": Variant("dense", "dense", False, "random"), "2:4": Variant("magnitude", "2:4", False, "random"),
              "2:4+shuffle": Variant("magnitude", "2:4", True, "random")}
     variants = [known[name] for name in args.variants.split(",")]
@@ -338,10 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def save(latency, memory):
-        (out / f"profile_{args.target}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))
+        (out / f"profile_{args.target}{'_eager' if args.eager else ''}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))
 
     record = profile_target(args.target, variants, settings, "cuda", on_variant=save)
-    (out / f"profile_{args.target}.json").write_text(json.dumps(record, indent=1, default=str))
+    stem = f"profile_{args.target}{'_eager' if args.eager else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
 
 

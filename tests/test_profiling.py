@@ -95,3 +95,42 @@ def test_sparse_decoder_equals_the_masked_dense_decoder():
         want = dense_model(tokens, torch.arange(6), StaticCache(shape, 2, 6, torch.float32, "cpu"), 6, True)
     assert math.isfinite(float(want.abs().max()))
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def _pruned_24_with_kernels(tiny_model_dirs, tmp_path, method="magnitude"):
+    """A tiny LLaMA pruned at 2:4 by the pipeline's prune step, and its (CPU-reference) kernel build."""
+    from esparse.config import resolve_config
+    from esparse.pipeline import prune_step
+    from esparse_kernels.build import build_kernels
+
+    config = resolve_config({"preset": "smoke"})
+    pruned = tmp_path / "pruned"
+    prune_step(str(tiny_model_dirs["llama"]), None, method, "2:4", {}, str(pruned), "cpu", "float32", config,
+               {"model": "tiny", "method": method, "pattern": "2of4"})
+    kernels = tmp_path / "kernels"
+    build_kernels(pruned, kernels, token_buckets=(1, 16, 256), device="cpu")
+    return pruned, kernels
+
+
+def test_greedy_agreement_of_the_kernel_model(tiny_model_dirs, tmp_path):
+    """The check the GPU profile records (issue 6): the packed-kernel model generates what the masked
+    dense model generates. On CPU the kernel layers take the reference path."""
+    from esparse.profiling import greedy_agreement
+
+    pruned, kernels = _pruned_24_with_kernels(tiny_model_dirs, tmp_path)
+    result = greedy_agreement(str(pruned), str(kernels), "cpu", dtype="float32", new_tokens=8,
+                              prompts=("the history of", "in the year"))
+    assert result["layers_swapped"] > 0 and len(result["prompts"]) == 2
+    for prompt in result["prompts"]:
+        assert len(prompt["dense_masked_tokens"]) == len(prompt["kernel_tokens"]) == 8
+    assert result["agree"], [(p["dense_masked_tokens"], p["kernel_tokens"]) for p in result["prompts"]]
+
+
+def test_greedy_agreement_refuses_a_build_that_swaps_nothing(tiny_model_dirs, tmp_path):
+    """A kernel build whose layers are not in the model would compare the dense model with itself."""
+    from esparse.errors import ConfigError
+    from esparse.profiling import greedy_agreement
+
+    _, kernels = _pruned_24_with_kernels(tiny_model_dirs, tmp_path)  # LLaMA layer names
+    with pytest.raises(ConfigError, match="no layer"):
+        greedy_agreement(str(tiny_model_dirs["opt"]), str(kernels), "cpu", dtype="float32", new_tokens=2)

@@ -149,7 +149,7 @@ def _reference_bucket() -> dict:
 
 
 def tune_shape(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps: int, log,
-               include_cslt: bool = True) -> dict:
+               include_cslt: bool = True, include_triton: bool = True) -> dict:
     """Autotune one packed shape for every token bucket on `device`: the plan entries per bucket."""
     from .autotune import ShapeBench, best_of, tune_tokens
     from .pack import unpack_24
@@ -159,7 +159,7 @@ def tune_shape(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps
     bench = ShapeBench(weight=unpack_24(dev_packed).contiguous(), packed=dev_packed, reps=reps)
     out = {}
     for t in buckets:
-        meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log)
+        meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log, include_triton=include_triton)
         best = best_of(meas, ("dense", "ours", "ours_cuda", "cusparselt", "decompress_dense"))
         best_sparse = best_of(meas, ("ours", "ours_cuda", "cusparselt", "decompress_dense"))
         cands = [m.to_dict() for m in meas]
@@ -175,13 +175,25 @@ def tune_shape(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps
         out[str(t)] = entry
     bench.release()
     del bench
-    torch.cuda.empty_cache()
+    release_cublas_workspaces()
     return out
+
+
+def release_cublas_workspaces() -> None:
+    """Free cuBLAS's per-stream workspaces (about 32 MiB each, one per stream that ran a GEMM, kept by
+    PyTorch for the process's life) and return cached blocks: tuning times cuBLAS on many capture and
+    side streams, and without this their workspaces stay allocated next to the model."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
+        torch.cuda.empty_cache()
 
 
 def build_kernels(pruned_model_dir: str | Path, out_dir: str | Path,
                   token_buckets=DEFAULT_TOKEN_BUCKETS, device: str | torch.device | None = None,
-                  tune_reps: int = 10, log=None, include_cslt: bool = True) -> dict:
+                  tune_reps: int = 10, log=None, include_cslt: bool = True, include_triton: bool = True) -> dict:
     """Pack the pruned model's 2:4 linears, autotune on `device` (default: CUDA if available), write
     packed.safetensors and plan.json into out_dir; returns the plan."""
     from .env import device_info, software_versions
@@ -217,6 +229,7 @@ def build_kernels(pruned_model_dir: str | Path, out_dir: str | Path,
                           "permuted": p.perm is not None, "shape_key": _shape_key(p)}
                    for name, p in packed.items()},
         "skipped": skipped,
+        "candidates_included": {"cusparselt": include_cslt, "triton": include_triton},
         "shapes": {},
     }
     if not measured:
@@ -232,7 +245,7 @@ def build_kernels(pruned_model_dir: str | Path, out_dir: str | Path,
         if measured:
             if log:
                 log(f"tuning {key} ({len(names)} layers)")
-            entry["buckets"] = tune_shape(p, buckets, device, tune_reps, log, include_cslt)
+            entry["buckets"] = tune_shape(p, buckets, device, tune_reps, log, include_cslt, include_triton)
         else:
             entry["buckets"] = {str(t): _reference_bucket() for t in buckets}
         plan["shapes"][key] = entry
@@ -250,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--tune-reps", type=int, default=10)
     ap.add_argument("--no-cusparselt", action="store_true", help="leave cuSPARSELt out of the candidates")
+    ap.add_argument("--no-triton", action="store_true", help="leave the Triton kernels out of the candidates")
     args = ap.parse_args(argv)
     try:
         buckets = tuple(int(t) for t in args.tokens.split(",") if t.strip())
     except ValueError as exc:
         raise ConfigError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from exc
     plan = build_kernels(args.model_dir, args.out_dir, buckets, args.device, args.tune_reps,
-                         log=lambda s: print(s, flush=True), include_cslt=not args.no_cusparselt)
+                         log=lambda s: print(s, flush=True), include_cslt=not args.no_cusparselt,
+                         include_triton=not args.no_triton)
     print(f"packed {len(plan['layers'])} layers ({len(plan['skipped'])} skipped) into {args.out_dir}; "
           f"plan device={plan['device']} measured={plan['measured']}")
     return 0

@@ -27,6 +27,23 @@ from esparse.io import read_json
 from .pack import Packed24, unpack_24, unpack_24_permuted
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
+_WORKSPACES: dict[tuple, object] = {}
+
+
+def _shared_workspace(make, *key):
+    """One split-K workspace per (backend, config, shape, bucket, dtype, device), shared by every layer
+    of that shape: layers run one after another on one stream, and each kernel call leaves its ticket
+    counters at zero, so a 32-layer model holds one workspace per shape instead of 32."""
+    workspace = _WORKSPACES.get(key)
+    if workspace is None:
+        workspace = _WORKSPACES[key] = make()
+    return workspace
+
+
+def release_scratch() -> None:
+    """Drop the shared decompression/permutation scratch buffers (they regrow on demand); workspaces of
+    live layers stay referenced by their layers."""
+    _SCRATCH.clear()
 
 
 def _scratch(purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -91,7 +108,9 @@ class SparseLinear(nn.Module):
                 cfg = KernelConfig.from_dict(spec["config"])
                 if not cfg.supports(size):
                     raise ConfigError(f"plan gives {cfg.label} for a bucket of {size} tokens it cannot run")
-                ws = Workspace(cfg, self.out_features, size, device, self.in_features, self.values.dtype)
+                ws = _shared_workspace(
+                    lambda: Workspace(cfg, self.out_features, size, device, self.in_features, self.values.dtype),
+                    "ours", repr(cfg), self.out_features, self.in_features, size, self.values.dtype, device)
                 # beyond the bucket (largest bucket only) the same blocks run without split-K
                 if cfg.kind == "dot":
                     from dataclasses import replace
@@ -110,8 +129,10 @@ class SparseLinear(nn.Module):
                 cfg = cuda_sp24.CudaConfig.from_dict(spec["config"])
                 if not cfg.supports(size):
                     raise ConfigError(f"plan gives {cfg.label} for a bucket of {size} tokens it cannot run")
-                ws = cuda_sp24.CudaWorkspace(cfg, self.out_features, size, device, self.in_features,
-                                             self.values.dtype)
+                ws = _shared_workspace(
+                    lambda: cuda_sp24.CudaWorkspace(cfg, self.out_features, size, device, self.in_features,
+                                                    self.values.dtype),
+                    "ours_cuda", repr(cfg), self.out_features, self.in_features, size, self.values.dtype, device)
                 self._routes.append(("ours_cuda", cfg, ws, size))
             elif backend == "dense":
                 if self._dense_weight is None:

