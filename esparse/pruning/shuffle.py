@@ -161,6 +161,10 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
         gain, block_kept = _block_swap_gains(
             screen[active].gather(2, block_order.unsqueeze(1).expand(live, rows, width)), n, m)
         screen_tolerance = _SCREEN_REL_TOL * block_kept.abs()
+        # Exact kept score of every group in the current order [live, G]: integer-valued float64, so
+        # the sum of two groups equals their joint sum exactly; updated as swaps are applied.
+        ordered = block_columns.gather(1, block_order.unsqueeze(2).expand(live, width, rows))
+        group_kept = _group_top_sum(ordered.reshape(live, groups, m, rows).transpose(2, 3), n).sum(dim=2)
         passes += 1
         applied = torch.zeros(live, dtype=torch.int64, device=device)
         for _ in range(groups):  # each step: at most one swap per block
@@ -178,12 +182,16 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
             slot_a, slot_b = a % m, m + b % m
             after_cols[pick, slot_a] = before_cols[pick, slot_b]
             after_cols[pick, slot_b] = before_cols[pick, slot_a]
-            before = _group_top_sum(block_columns[idx.unsqueeze(1), before_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=(1, 2))
-            after = _group_top_sum(block_columns[idx.unsqueeze(1), after_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=(1, 2))
+            before = group_kept[idx, group_a] + group_kept[idx, group_b]
+            after_groups = _group_top_sum(
+                block_columns[idx.unsqueeze(1), after_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=2)
+            after = after_groups.sum(dim=1)
             accept = (after - before) > rel_tol * before.abs()
             gain[idx[~accept], a[~accept], b[~accept]] = float("-inf")
             if not bool(accept.any()):
                 continue
+            group_kept[idx[accept], group_a[accept]] = after_groups[accept, 0]
+            group_kept[idx[accept], group_b[accept]] = after_groups[accept, 1]
             idx, a, b = idx[accept], a[accept], b[accept]
             moved = block_order[idx, a].clone()
             block_order[idx, a] = block_order[idx, b]
@@ -314,11 +322,12 @@ def channel_shuffle(
         if not keep_best or candidates[name][1] >= candidates[start][1]:
             current = name
     perm = candidates[current][0]
+    reported = {name: nm_kept_score(score, n, m, p) for name, (p, _) in candidates.items()}  # original scores
     return ShuffleResult(
         perm=perm,
         chosen=current,
-        kept_score=nm_kept_score(score, n, m, perm),
-        baseline_kept_score=nm_kept_score(score, n, m),
-        candidates={name: nm_kept_score(score, n, m, p) for name, (p, _) in candidates.items()},
+        kept_score=reported[current],
+        baseline_kept_score=reported["identity"],
+        candidates=reported,
         local=local_info,
     )
