@@ -57,29 +57,6 @@ class LayerStats:
 
 
 _HISTOGRAM_CHUNK_ELEMENTS = 1 << 18  # float64 temporaries of about 2 MiB: cache-resident
-_BINCOUNT_POOL = None
-
-
-def _bincount_parts(index: torch.Tensor, minlength: int) -> torch.Tensor:
-    """torch.bincount of a 1-D int64 tensor, split over torch's thread count: CPU bincount runs on one
-    core, and it is most of the entropy histogram's time. Each part is counted on its own thread (the
-    call releases the GIL) and the integer counts are added, so the result is exactly bincount's."""
-    global _BINCOUNT_POOL
-    parts = torch.get_num_threads() if index.device.type == "cpu" else 1
-    if parts < 2 or index.numel() < 1 << 16:
-        return torch.bincount(index, minlength=minlength)
-    if _BINCOUNT_POOL is None or _BINCOUNT_POOL._max_workers < parts:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _BINCOUNT_POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="esparse-bincount")
-    counts = list(_BINCOUNT_POOL.map(lambda piece: torch.bincount(piece, minlength=minlength),
-                                     index.chunk(parts)))
-    total = counts[0]
-    for more in counts[1:]:
-        total += more
-    return total
-
-
 def channel_histogram(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """Per-channel K-bin histogram of `x` (tokens x channels) over [lo_j, hi_j] (int64, C x K).
 
@@ -97,10 +74,12 @@ def channel_histogram(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins:
     offset = torch.arange(channels, device=x.device, dtype=torch.float64) * bins
     counts = torch.zeros(channels * bins, dtype=torch.int64, device=x.device)
     rows = max(1, _HISTOGRAM_CHUNK_ELEMENTS // channels)
+    index_dtype = torch.int32 if channels * bins < 2**31 else torch.int64
     for start in range(0, flat.shape[0], rows):
         index = flat[start:start + rows].to(torch.float64, copy=True)  # never modify the input
         index.sub_(lo).div_(safe_width).floor_().clamp_(0, bins - 1).add_(offset)
-        counts += _bincount_parts(index.to(torch.int64).reshape(-1), channels * bins)
+        # int32 indices when they fit: the same counts, a third less bincount time
+        counts += torch.bincount(index.to(index_dtype).reshape(-1), minlength=channels * bins)
     return counts.reshape(channels, bins)
 
 

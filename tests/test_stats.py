@@ -114,23 +114,3 @@ def test_chunked_histogram_equals_per_channel_histc_and_leaves_the_input_alone()
             else torch.tensor([x.shape[0]] + [0] * 15, dtype=torch.float64)
         assert hist[j].tolist() == expected.to(torch.int64).tolist(), j
 
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_histogram_counts_do_not_depend_on_the_thread_count(threads):
-    """The bincount is split over torch's threads; the integer counts must be exactly bincount's."""
-    from esparse.stats import _bincount_parts
-
-    gen = torch.Generator().manual_seed(threads)
-    x = torch.randn(3000, 96, generator=gen) * torch.rand(96, generator=gen)
-    lo, hi = x.amin(0).double(), x.amax(0).double()
-    index = torch.randint(0, 96 * 16, (200_003,), generator=gen)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        expected_hist = channel_histogram(x, lo, hi, 16)
-        torch.set_num_threads(threads)
-        assert torch.equal(_bincount_parts(index, 96 * 16), torch.bincount(index, minlength=96 * 16))
-        assert torch.equal(channel_histogram(x, lo, hi, 16), expected_hist)
-        assert int(expected_hist.sum()) == x.numel()
-    finally:
-        torch.set_num_threads(previous)
