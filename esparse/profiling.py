@@ -409,12 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = [known[name] for name in args.variants.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"profile_{args.target}{'_eager' if args.eager else ''}"
 
     def save(latency, memory):
-        (out / f"profile_{args.target}{'_eager' if args.eager else ''}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))
+        (out / f"{stem}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))
 
     record = profile_target(args.target, variants, settings, "cuda", on_variant=save)
-    stem = f"profile_{args.target}{'_eager' if args.eager else ''}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
     return 0
 

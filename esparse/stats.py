@@ -57,6 +57,8 @@ class LayerStats:
 
 
 _HISTOGRAM_CHUNK_ELEMENTS = 1 << 18  # float64 temporaries of about 2 MiB: cache-resident
+
+
 def channel_histogram(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """Per-channel K-bin histogram of `x` (tokens x channels) over [lo_j, hi_j] (int64, C x K).
 

@@ -21,6 +21,8 @@ PY=python3
 T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 BENCH="$PY -m esparse_kernels.bench --tune-reps 5 --final-reps 20"
+# the whole-model profiling grid of modes E and G (issue 6's prompts, batches and contexts)
+GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
 
 stamp "environment"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
@@ -78,7 +80,6 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5
     stamp "fused-kernel and decoder tests (compiled)"
     timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_fused.py tests/test_decoder.py 2>&1 | tail -6
-    GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
     for target in llama-7b llama-13b; do
         stamp "profile $target (fused)"
         timeout 250 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
@@ -97,7 +98,6 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     stamp "CUDA tests of the swapped layers"
     timeout 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py -k "swapped or graph" 2>&1 | tail -4
-    GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
     for target in llama-7b llama-13b; do
         stamp "profile $target (fused)"
         timeout 230 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
