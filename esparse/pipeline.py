@@ -214,7 +214,10 @@ def perplexity_step(model_dir: str, dataset: str, mirror: str | None, seqlen: in
 # --- E-Sparse ablation (hyper-parameters chosen on held-apart C4, never on WikiText-2 test) ----------
 
 def ablation_variants(ablation: dict, base_settings: dict) -> dict[str, dict]:
-    """Variant slug -> E-Sparse settings: metric x shuffle at the base alpha/bins, then alpha and bins sweeps."""
+    """Variant slug -> E-Sparse settings: metric x shuffle at the base alpha/bins, then the joint alpha x bins grid.
+
+    The grid is joint rather than one axis at a time because the two interact (the entropy term's
+    spread depends on the bin count, alpha weighs it against the norm term)."""
     def slug(settings: dict) -> str:
         return (f"{settings['metric']}_{settings['shuffle']}_a{settings['alpha']:g}_k{settings['bins']}"
                 .replace("+", "-"))
@@ -225,11 +228,9 @@ def ablation_variants(ablation: dict, base_settings: dict) -> dict[str, dict]:
             settings = {**base_settings, "metric": metric, "shuffle": shuffle}
             variants[slug(settings)] = settings
     for alpha in ablation["alphas"]:
-        settings = {**base_settings, "alpha": alpha}
-        variants[slug(settings)] = settings
-    for bins in ablation["bins"]:
-        settings = {**base_settings, "bins": bins}
-        variants[slug(settings)] = settings
+        for bins in ablation["bins"]:
+            settings = {**base_settings, "alpha": alpha, "bins": bins}
+            variants[slug(settings)] = settings
     return variants
 
 
