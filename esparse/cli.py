@@ -20,6 +20,8 @@ SUBCOMMANDS = {
                "configure_parser", "run_cli"),
     "audit": ("esparse.audit", "re-verify a results directory: checksums, manifest, re-runs, a reference run",
               "configure_parser", "run_cli"),
+    "prune-scale": ("esparse.scale", "prune the first blocks of a LLaMA-shaped random model across devices; "
+                    "record memory per device", "configure_parser", "run_cli"),
     "reference": ("esparse.audit", "export a run's tables and provenance as a reference for `audit --against`",
                   "configure_reference_parser", "run_reference_cli"),
 }

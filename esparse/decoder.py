@@ -64,6 +64,8 @@ class DecoderShape:
 PROFILE_SHAPES: dict[str, DecoderShape] = {
     "llama-7b": DecoderShape(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
     "llama-13b": DecoderShape(hidden=5120, intermediate=13824, heads=40, kv_heads=40, layers=40, vocab=32000),
+    "llama-30b": DecoderShape(hidden=6656, intermediate=17920, heads=52, kv_heads=52, layers=60, vocab=32000),
+    "llama-65b": DecoderShape(hidden=8192, intermediate=22016, heads=64, kv_heads=64, layers=80, vocab=32000),
 }
 
 

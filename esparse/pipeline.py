@@ -14,9 +14,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_path, read_json, sha256_file, sha256_tensor, write_json
+from .placement import placement_for
 from .provenance import provenance
 
 log = logging.getLogger("esparse")
+
+
+def _single_device(device: str) -> str:
+    """The driver's one-device argument: `cuda` (one leased GPU) is cuda:0; lists go through placement."""
+    return "cuda:0" if device == "cuda" else device.split(",")[0]
+
+
+def _place_for_evaluation(model, device: str):
+    """Put the model where it is evaluated; returns the device its inputs go to."""
+    from .models import find_decoder_blocks
+    from .placement import dispatch
+
+    placement = placement_for(model, device)
+    if placement is None:
+        model.to(_single_device(device))
+        return _single_device(device)
+    prefix, _blocks = find_decoder_blocks(model)
+    log.info("evaluation placement: %s", placement.describe())
+    dispatch(model, prefix, placement)
+    return str(placement.first_device)
 
 
 @contextmanager
@@ -127,7 +148,11 @@ def prune_step(model_dir: str, calibration: str | None, method_name: str, patter
     tokens = load_calibration_tokens(calibration) if calibration else None
     log.info("loaded model in %.1fs; pruning with %s at %s on %s", time.perf_counter() - load_start,
              method.name, pattern.label, device)
-    outcome = prune_model(model, method, pattern, tokens if method.needs else None, device=device)
+    placement = placement_for(model, device)
+    if placement is not None:
+        log.info("placement: %s", placement.describe())
+    outcome = prune_model(model, method, pattern, tokens if method.needs else None,
+                          device=_single_device(device), placement=placement)
     out = Path(out_dir)
     staging = out.parent / f".{out.name}.partial"
     if staging.exists():
@@ -177,7 +202,8 @@ def perplexity_step(model_dir: str, dataset: str, mirror: str | None, seqlen: in
     from .errors import ConfigError
     from .perplexity import perplexity, token_stream
 
-    model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_dir, dtype=dtype, device="cpu")
+    device = _place_for_evaluation(model, device)
     context = context_length(model)
     if seqlen > context:
         raise ConfigError(f"perplexity seqlen {seqlen} exceeds the model's context length {context}")
@@ -248,8 +274,9 @@ def ablation_step(model_dir: str, calibration: str, settings: dict, pattern_text
     method = build_method("esparse", settings)
     pattern = SparsityPattern.parse(pattern_text)
     model, tokenizer = load_model(model_dir, dtype=dtype, device="cpu")
-    outcome = prune_model(model, method, pattern, load_calibration_tokens(calibration), device=device)
-    model.to(device)
+    outcome = prune_model(model, method, pattern, load_calibration_tokens(calibration),
+                          device=_single_device(device), placement=placement_for(model, device))
+    device = _place_for_evaluation(model, device)
     tokens = token_stream(load_records(dataset, mirror)["text"], tokenizer, dataset)
     result = perplexity(model, tokens, seqlen, max_windows, device=device)
     efficacies = [layer["shuffle_efficacy"] for layer in outcome.layers if layer["shuffle_efficacy"] is not None]

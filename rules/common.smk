@@ -19,6 +19,9 @@ except EsparseError as error:
 export_package_path(workflow.basedir)
 # `--resources gpu=K`: local GPU jobs lease one of the first K devices each (esparse/gpu_lease.py).
 export_gpu_slots(getattr(workflow, "global_resources", None))
+# GPUs per prune / perplexity / ablation job: with more than one, the job's model is placed block by
+# block across them (esparse/placement.py). Other GPU rules use one device.
+GPUS_PER_JOB = config["gpus_per_job"] if DEVICE == "cuda" else 0
 # The pinned environment the rules run in with --sdm conda (relative to rules/).
 RULE_ENV = "../envs/esparse-cuda.yaml" if DEVICE == "cuda" else "../envs/esparse-cpu.yaml"
 

@@ -20,7 +20,7 @@ rule perplexity:
     resources:
         mem_mb=6000,
         runtime=120,
-        gpu=1 if DEVICE == "cuda" else 0,
+        gpu=GPUS_PER_JOB,
     conda:
         RULE_ENV
     script:

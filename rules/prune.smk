@@ -18,7 +18,7 @@ rule prune:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=1 if DEVICE == "cuda" else 0,
+        gpu=GPUS_PER_JOB,
     conda:
         RULE_ENV
     script:

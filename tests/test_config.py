@@ -42,6 +42,7 @@ def test_user_overrides_beat_the_preset():
     ({"calibration": {"seqlen": 9000}}, r"calibration.seqlen 9000 exceeds the context length 8192 of model 'smollm2-135m'"),
     ({"perplexity": {"seqlen": 10000}}, r"perplexity.seqlen 10000 exceeds the context length 8192"),
     ({"device": "tpu"}, r"device: 'tpu' is not allowed; allowed values: 'auto', 'cpu', 'cuda'"),
+    ({"gpus_per_job": 0}, r"gpus_per_job: 0 is less than the minimum of 1"),
     ({"surprise": 1}, r"Additional properties are not allowed \('surprise'"),
     ({"method_settings": {"esparse": {"alpha": "x"}}}, r"alpha"),
 ])

@@ -1,8 +1,11 @@
 """The block-by-block pruning driver, shared by every method.
 
 Calibration inputs of block i are the outputs of blocks 0..i-1 *after* they were pruned (the
-Wanda/SparseGPT sequential protocol). Only one block lives on the compute device at a time; the
-rest of the model stays where it was loaded (CPU), so models larger than the device prune too.
+Wanda/SparseGPT sequential protocol). With one `device`, only one block lives on it at a time and
+the rest of the model stays where it was loaded (CPU), so models larger than the device prune too.
+With a `placement` (esparse.placement), block i runs on its compute device and then stays on its
+home device: resident across several GPUs, or offloaded to the CPU when it fits on none; the
+calibration activations follow the blocks from device to device.
 
 The driver knows nothing about any method: it asks the method which statistics it needs
 (`method.needs`, `method.entropy_bins`), streams them through forward hooks, and hands each
@@ -20,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import find_decoder_blocks, find_linears
+from ..placement import BlockPlacement, to_device
 from ..stats import StatsAccumulator
 from .methods import PruningMethod, check_layer_result
 from .pattern import SparsityPattern, check_layer_width
@@ -171,37 +175,63 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def single_device_placement(blocks: nn.ModuleList, device: torch.device) -> BlockPlacement:
+    """Every block runs on `device` and goes back to where it was loaded afterwards."""
+    homes = tuple(next(block.parameters()).device for block in blocks)
+    return BlockPlacement(compute=(device,) * len(blocks), home=homes)
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPattern,
                 calibration_tokens: torch.Tensor | None, device: str | torch.device = "cpu",
                 offload_activations: bool = False, progress: bool = True,
-                stats_cache_bytes: int = DEFAULT_STATS_CACHE_BYTES) -> PruneOutcome:
+                stats_cache_bytes: int = DEFAULT_STATS_CACHE_BYTES,
+                placement: BlockPlacement | None = None, max_blocks: int | None = None) -> PruneOutcome:
     """Prune every nn.Linear inside the decoder blocks of `model` in place.
 
-    `stats_cache_bytes` bounds the copies of a block's linear inputs kept between the two passes of
-    statistics that need a fixed range first (entropy); above it the block runs forward twice.
+    `placement` (esparse.placement.plan_placement) spreads blocks over several devices; without it
+    every block runs on `device`. `stats_cache_bytes` bounds the copies of a block's linear inputs
+    kept between the two passes of statistics that need a fixed range first (entropy); above it the
+    block runs forward twice. `max_blocks` prunes only the first blocks (memory and speed studies of
+    models too large to finish; the summary says how many were pruned).
     """
-    device = torch.device(device)
-    store_device = torch.device("cpu") if offload_activations else device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     blocks_prefix, blocks = find_decoder_blocks(model)
+    placed = placement is not None
+    if placement is None:
+        placement = single_device_placement(blocks, torch.device(device))
+    elif len(placement.compute) != len(blocks):
+        raise ValueError(f"the placement covers {len(placement.compute)} blocks, the model has {len(blocks)}")
+    if max_blocks is not None and not (isinstance(max_blocks, int) and 1 <= max_blocks <= len(blocks)):
+        raise ValueError(f"max_blocks must be an integer in 1..{len(blocks)}, got {max_blocks!r}")
+    device = placement.first_device
+    store_device = torch.device("cpu") if offload_activations else device
+    for compute_device in placement.devices:
+        if compute_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(compute_device)
     needs = frozenset(method.needs)
     uses_calibration = bool(needs)
     if uses_calibration:
         if calibration_tokens is None:
             raise ValueError(f"method {method.name!r} needs calibration data but none was given")
-        inputs, block_kwargs = capture_block_inputs(model, calibration_tokens, device, store_device)
+        inputs, first_kwargs = capture_block_inputs(model, calibration_tokens, device, store_device)
         outputs = torch.empty_like(inputs)
+        kwargs_on = {device: first_kwargs}
     outcome = PruneOutcome()
     kept_total = 0
     weights_total = 0
-    for index, block in enumerate(tqdm(blocks, desc=f"prune {method.name} {pattern.label}", disable=not progress,
+    selected = list(blocks)[:max_blocks] if max_blocks is not None else list(blocks)
+    for index, block in enumerate(tqdm(selected, desc=f"prune {method.name} {pattern.label}", disable=not progress,
                                        mininterval=10)):
         block_start = time.perf_counter()
-        original_device = next(block.parameters()).device
+        device = placement.compute[index]
         block.to(device)
+        if uses_calibration:
+            if not offload_activations and inputs.device != device:
+                inputs, outputs = inputs.to(device), torch.empty(inputs.shape, dtype=inputs.dtype, device=device)
+            if device not in kwargs_on:
+                kwargs_on[device] = to_device(first_kwargs, device)
+            block_kwargs = kwargs_on[device]
         linears = find_linears(block)
         for name, linear in linears.items():
             check_layer_width(pattern, linear.in_features)
@@ -213,7 +243,7 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
                 for leader in groups
             }
             _accumulate_statistics(block, linears, accumulators, inputs, block_kwargs, device,
-                                   store_device, stats_cache_bytes)
+                                   inputs.device, stats_cache_bytes)
             for leader, members in groups.items():
                 shared = accumulators[leader].finalize()
                 stats.update({member: shared for member in members})
@@ -245,8 +275,9 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
         if uses_calibration:
             _run_block(block, inputs, block_kwargs, device, outputs)
             inputs, outputs = outputs, inputs
-        block.to(original_device)
-        log.info("block %d pruned in %.2fs", index, time.perf_counter() - block_start)
+        block.to(placement.home[index])
+        log.info("block %d pruned on %s in %.2fs", index, device, time.perf_counter() - block_start)
+    peaks = {str(d): _peak_memory_bytes(d) for d in placement.devices}
     outcome.summary = {
         "method": method.name,
         "pattern": pattern.label,
@@ -254,9 +285,17 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
         "achieved_sparsity": 1.0 - kept_total / max(weights_total, 1),
         "weights_in_pruned_layers": weights_total,
         "seconds": time.perf_counter() - start,
-        "peak_memory_bytes": _peak_memory_bytes(device),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
-        "device": str(device),
+        # One device: its peak. Several: the largest per-device peak (what must fit), all of them below.
+        "peak_memory_bytes": max(peaks.values()),
+        "peak_memory_kind": " / ".join(sorted({"cuda max_memory_allocated" if d.type == "cuda" else "process max RSS"
+                                              for d in placement.devices})),
+        "device": ",".join(peaks),
         "calibration_used": uses_calibration,
     }
+    if placed:
+        outcome.summary["peak_memory_bytes_by_device"] = peaks
+        outcome.summary["placement"] = placement.describe()
+    if max_blocks is not None and max_blocks < len(blocks):
+        outcome.summary["blocks_pruned"] = max_blocks
+        outcome.summary["blocks_total"] = len(blocks)
     return outcome
