@@ -208,6 +208,7 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
     store_device = torch.device("cpu") if offload_activations else device
     for compute_device in placement.devices:
         if compute_device.type == "cuda":
+            torch.cuda.init()  # the allocator's per-device stats exist only after CUDA's lazy init
             torch.cuda.reset_peak_memory_stats(compute_device)
     needs = frozenset(method.needs)
     uses_calibration = bool(needs)

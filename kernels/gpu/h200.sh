@@ -9,9 +9,9 @@
 #    numbers are run C's). Run three times (D1-D3, one per kernel version, docs/PERFORMANCE.md);
 #    reports/gpu/kernels_h200.csv = D3's kernels_h200_d1.csv + kernels_h200_d2.csv rows (run=D3)
 #    + run C's Triton rows (backends ours, ours_noperm; run=C).
-# H: issue 9 on one GPU (placement tests, 65B-shape first blocks pruned resident and offloaded), then
-#    the full benchmark's first half (SmolLM2, 7B, 13B shapes, every token bucket, every backend).
-# I: the full benchmark's second half (30B, 65B shapes).
+# H: issue 9 on one GPU (placement tests, 65B-shape first blocks pruned resident and offloaded).
+# I: the full benchmark's first half (SmolLM2, 7B, 13B shapes, every token bucket, every backend).
+# J: the full benchmark's second half (30B, 65B shapes).
 # The two halves exist only because one device command may run 10 minutes at most; the CSVs are
 # concatenated into reports/gpu/kernels_h200.csv (same command, options, seed and device).
 set -u -o pipefail
@@ -121,34 +121,34 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
   H)
     # issue 9 on the one lent GPU: the placement tests (blocks split between the GPU and the CPU, an
     # offloaded tail), then the first blocks of a LLaMA-65B-shape random model pruned with calibration
-    # statistics at the paper's 128 x 2048 (resident, and with a 2-block GPU budget: offloaded); then
-    # issue 5's benchmark, first half (SmolLM2, LLaMA-7B, LLaMA-13B shapes, every token bucket).
+    # statistics at the paper's 128 x 2048: resident, and with a 2-block GPU budget (the rest offloaded).
+    # Every step tees its log under $OUT so that a timeout still returns what ran.
     pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
     export PYTHONPATH=/tmp/site:$PYTHONPATH
-    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     stamp "placement tests"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py 2>&1 | tail -5
+    timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py 2>&1 | tee "$OUT/pytest_placement.log" | tail -5
     SCALE="$PY -m esparse.cli prune-scale --shape llama-65b --pattern 2:4 --devices cuda --nsamples 128 --seqlen 2048"
-    stamp "65B shape, 8 blocks, wanda, resident"
-    timeout 150 $SCALE --blocks 8 --method wanda --out "$OUT/scale_65b_wanda.json" 2>&1 | tail -25
-    stamp "65B shape, 8 blocks, wanda, GPU budget of 2 blocks (6 offloaded)"
-    timeout 150 $SCALE --blocks 8 --method wanda --max-memory cuda:0=3.5GiB --out "$OUT/scale_65b_wanda_offload.json" 2>&1 | tail -25
+    if [ -z "${H_SKIP_RESIDENT:-}" ]; then  # set when an earlier call already recorded it
+        stamp "65B shape, 4 blocks, wanda, resident"
+        timeout 120 $SCALE --blocks 4 --method wanda --out "$OUT/scale_65b_wanda.json" 2>&1 | tee "$OUT/scale_65b_wanda.log" | tail -12
+    fi
+    stamp "65B shape, 4 blocks, wanda, GPU budget of 2 blocks (2 offloaded)"
+    timeout 120 $SCALE --blocks 4 --method wanda --max-memory cuda:0=3.5GiB --out "$OUT/scale_65b_wanda_offload.json" 2>&1 \
+        | tee "$OUT/scale_65b_wanda_offload.log" | tail -12
     stamp "65B shape, 2 blocks, esparse"
-    timeout 150 $SCALE --blocks 2 --method esparse --out "$OUT/scale_65b_esparse.json" 2>&1 | tail -25
-    stamp "build the CUDA extension"
-    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5
-    stamp "bench H (smollm2, llama-7b, llama-13b; every bucket)"
-    timeout 330 $BENCH --out "$OUT/kernels_h200_h1.csv" --shapes smollm2-135m,llama-7b,llama-13b \
-        --worker-timeout 200 2>&1 | tee "$OUT/bench_h1.log" | grep -v "^  [0-9]"
+    timeout 180 $SCALE --blocks 2 --method esparse --out "$OUT/scale_65b_esparse.json" 2>&1 | tee "$OUT/scale_65b_esparse.log" | tail -12
     ;;
-  I)
-    # issue 5's benchmark, second half (LLaMA-30B and -65B shapes); same machine as H when warm
+  I|J)
+    # issue 5's benchmark in two halves (one device command may run 10 minutes at most):
+    # I = SmolLM2, LLaMA-7B, LLaMA-13B shapes; J = LLaMA-30B, LLaMA-65B shapes; every token bucket.
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    if [ "$MODE" = I ]; then SHAPES=smollm2-135m,llama-7b,llama-13b; HALF=h1; else SHAPES=llama-30b,llama-65b; HALF=h2; fi
     stamp "build the CUDA extension (cached when the machine is still warm)"
-    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5
-    stamp "bench I (llama-30b, llama-65b; every bucket)"
-    timeout 520 $BENCH --out "$OUT/kernels_h200_h2.csv" --shapes llama-30b,llama-65b \
-        --worker-timeout 300 2>&1 | tee "$OUT/bench_h2.log" | grep -v "^  [0-9]"
+    timeout 200 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 \
+        | tee "$OUT/build_$HALF.log" | tail -5
+    stamp "bench $HALF ($SHAPES; every bucket)"
+    timeout $(( 560 - ($(date +%s) - T0) )) $BENCH --out "$OUT/kernels_h200_$HALF.csv" --shapes $SHAPES \
+        --worker-timeout 300 2>&1 | tee "$OUT/bench_$HALF.log" | grep -v "^  [0-9]"
     ;;
   probe)
     timeout 400 $BENCH --out "$OUT/probe.csv" --shapes llama-7b.q_k_v_o --tokens 1,8 2>&1 | tee "$OUT/probe.log"
