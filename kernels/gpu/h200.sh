@@ -12,6 +12,7 @@
 # H: issue 9 on one GPU (placement tests, 65B-shape first blocks pruned resident and offloaded).
 # I: the full benchmark's first half (SmolLM2, 7B, 13B shapes, every token bucket, every backend).
 # J: the full benchmark's second half (30B, 65B shapes).
+# T: every test file that holds CUDA-only tests, on the GPU.
 # The two halves exist only because one device command may run 10 minutes at most; the CSVs are
 # concatenated into reports/gpu/kernels_h200.csv (same command, options, seed and device).
 set -u -o pipefail
@@ -149,6 +150,16 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     stamp "bench $HALF ($SHAPES; every bucket)"
     timeout $(( 560 - ($(date +%s) - T0) )) $BENCH --out "$OUT/kernels_h200_$HALF.csv" --shapes $SHAPES \
         --worker-timeout 300 2>&1 | tee "$OUT/bench_$HALF.log" | grep -v "^  [0-9]"
+    ;;
+  T)
+    # every test file with CUDA-only tests, on the GPU, against the code as committed
+    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    stamp "CUDA tests"
+    timeout 520 $PY -m pytest -q -p no:cacheprovider -rs tests/test_placement.py tests/test_pruning_cuda.py \
+        tests/test_kernels_build.py tests/test_kernels_cuda.py tests/test_kernels_cuda_mma.py \
+        tests/test_kernels_fused.py tests/test_kernels_triton.py 2>&1 | tee "$OUT/pytest_cuda_all.log" | tail -25
     ;;
   probe)
     timeout 400 $BENCH --out "$OUT/probe.csv" --shapes llama-7b.q_k_v_o --tokens 1,8 2>&1 | tee "$OUT/probe.log"
