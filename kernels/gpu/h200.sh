@@ -13,8 +13,9 @@
 # I: the full benchmark's first half (SmolLM2, 7B, 13B shapes, every token bucket, every backend).
 # J: the full benchmark's second half (30B, 65B shapes).
 # T: every test file that holds CUDA-only tests, on the GPU.
-# The two halves exist only because one device command may run 10 minutes at most; the CSVs are
-# concatenated into reports/gpu/kernels_h200.csv (same command, options, seed and device).
+# I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
+# would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
+# attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
 set -u -o pipefail
 MODE=${1:-probe}
 OUT=${OUT:-gpu_out}
