@@ -25,6 +25,11 @@ export PYTHONUNBUFFERED=1
 PY=python3
 T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+# the wheels the device lacks (accelerate, hypothesis, jsonschema, ...), carried in .whl/
+carried_wheels() {
+    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+}
 BENCH="$PY -m esparse_kernels.bench --tune-reps 5 --final-reps 20"
 # the whole-model profiling grid of modes E and G (issue 6's prompts, batches and contexts)
 GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
@@ -125,8 +130,7 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     # offloaded tail), then the first blocks of a LLaMA-65B-shape random model pruned with calibration
     # statistics at the paper's 128 x 2048: resident, and with a 2-block GPU budget (the rest offloaded).
     # Every step tees its log under $OUT so that a timeout still returns what ran.
-    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    carried_wheels
     stamp "placement tests"
     timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py 2>&1 | tee "$OUT/pytest_placement.log" | tail -5
     SCALE="$PY -m esparse.cli prune-scale --shape llama-65b --pattern 2:4 --devices cuda --nsamples 128 --seqlen 2048"
@@ -154,8 +158,7 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed
-    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    carried_wheels
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     stamp "CUDA tests"
     timeout 520 $PY -m pytest -q -p no:cacheprovider -rs tests/test_placement.py tests/test_pruning_cuda.py \
