@@ -97,6 +97,34 @@ def test_cached_statistics_pass_equals_a_second_forward(arch):
     assert all(torch.equal(outcomes[0].perms[k], outcomes[1].perms[k]) for k in outcomes[0].perms)
 
 
+def test_cached_statistics_notice_an_input_written_after_use(caplog):
+    """A model that writes into a linear's input after the linear read it: the held inputs no longer
+    hold what the linear saw, so the driver must notice (version counter) and run the second forward."""
+
+    def scramble_down_proj_inputs(model):
+        _, blocks = find_decoder_blocks(model)
+        for block in blocks:
+            seen = []
+            block.mlp.down_proj.register_forward_hook(lambda module, args, output, seen=seen: seen.append(args[0]))
+
+            def scramble(module, args, output, seen=seen):
+                while seen:
+                    seen.pop().mul_(-3.0)  # after the block's forward: only a replay could see it
+            block.register_forward_hook(scramble)
+        return model
+
+    tokens = calibration()
+    outcomes = []
+    for cache_bytes in (0, 2**30):
+        model = scramble_down_proj_inputs(build_tiny_model("llama"))
+        with caplog.at_level("WARNING", logger="esparse.pruning.driver"):
+            outcomes.append(prune_model(model, build_method("esparse", {}), SparsityPattern.parse("2:4"), tokens,
+                                        progress=False, stats_cache_bytes=cache_bytes))
+    assert "modified in place after use" in caplog.text
+    assert all(torch.equal(outcomes[0].masks[k], outcomes[1].masks[k]) for k in outcomes[0].masks)
+    assert all(torch.equal(outcomes[0].perms[k], outcomes[1].perms[k]) for k in outcomes[0].perms)
+
+
 def test_activation_offload_gives_the_same_result():
     tokens = calibration()
     results = []
@@ -155,3 +183,14 @@ def test_linears_sharing_an_input_share_statistics(arch, expected):
     for _ in range(3):
         groups = _shared_input_groups(blocks[0], find_linears(blocks[0]), inputs, kwargs, "cpu")
         assert sorted(map(sorted, groups.values())) == sorted(map(sorted, expected))
+
+
+def test_statistics_cache_budget():
+    from esparse.pruning.driver import DEFAULT_STATS_CACHE_BYTES, stats_cache_budget
+
+    assert stats_cache_budget(torch.device("cpu"), None) == DEFAULT_STATS_CACHE_BYTES
+    assert stats_cache_budget(torch.device("cpu"), 123) == 123
+    assert stats_cache_budget(torch.device("cpu"), 0) == 0
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(0)
+        assert stats_cache_budget(torch.device("cuda", 0), None) >= max(DEFAULT_STATS_CACHE_BYTES, free // 3)

@@ -82,3 +82,36 @@ def test_methods_on_cuda(name, settings_, pattern_text):
         assert torch.isfinite(gpu.weight.float()).all()
         agreement = (gpu.mask.cpu() == cpu.mask).float().mean().item()
         assert agreement > 0.99  # float64 on both; only near-ties may flip
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_channel_shuffle_identical_on_cpu_and_cuda(n, m):
+    """The shuffle decides on exact integer sums, so the device (and its chunking of the gain
+    computation, much larger on a GPU) cannot change the permutation."""
+    from esparse.pruning.shuffle import channel_shuffle
+
+    weight, stats = _quantized_layer(1536, 576, seed=3)
+    score = esparse_score(weight, "entropy+norm", entropy=stats.entropy(), l2_norm=stats.l2_norm(), alpha=64.0)
+    on_cpu = channel_shuffle(score, n, m)
+    on_gpu = channel_shuffle(score.cuda(), n, m)
+    assert on_cpu.chosen == on_gpu.chosen and on_cpu.local == on_gpu.local
+    assert torch.equal(on_cpu.perm, on_gpu.perm.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_histogram_identical_on_cpu_and_cuda(dtype):
+    from esparse.stats import StatsAccumulator
+
+    generator = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(2, 300, 576, generator=generator) * torch.rand(576, generator=generator) * 4).to(dtype)
+               for _ in range(5)]
+    results = []
+    for device in ("cpu", "cuda"):
+        accumulator = StatsAccumulator(576, frozenset({"entropy"}), 256, device)
+        for batch in batches:
+            accumulator.observe_range(batch.to(device))
+        for batch in batches:
+            accumulator.observe(batch.to(device), sequences=2)
+        results.append(accumulator.finalize())
+    assert torch.equal(results[0].lo, results[1].lo.cpu()) and torch.equal(results[0].hi, results[1].hi.cpu())
+    assert torch.equal(results[0].hist, results[1].hist.cpu())

@@ -12,6 +12,7 @@ from esparse.pruning.pattern import SparsityPattern
 from esparse.pruning.shuffle import (
     _block_swap_gains,
     channel_shuffle,
+    fixed_point_scores,
     global_naive_shuffle,
     local_block_shuffle,
     nm_kept_score,
@@ -95,16 +96,34 @@ def test_local_search_is_monotone_from_any_start(nm, rows, groups, seed, passes)
         assert set(refined[begin : begin + width].tolist()) == set(start[begin : begin + width].tolist())
 
 
+@settings(max_examples=20, deadline=None)
+@given(nm=st.sampled_from(NM), rows=st.integers(1, 20), groups=st.integers(2, 12), seed=st.integers(0, 10_000))
+def test_local_search_reports_its_exact_gain_on_integer_scores(nm, rows, groups, seed):
+    """On the integer grid the reported gain is exactly the kept-score difference (channel_shuffle
+    uses it instead of recounting)."""
+    n, m = nm
+    cols = groups * m
+    weight, scale = _layer(rows, cols, seed)
+    grid = fixed_point_scores(weight.abs() * scale)
+    start = torch.randperm(cols, generator=torch.Generator().manual_seed(seed))
+    refined, info = local_block_shuffle(grid, n, m, start, block_size=4 * m, max_passes=2)
+    assert info["gain"] == nm_kept_score(grid, n, m, refined) - nm_kept_score(grid, n, m, start)
+    assert info["gain"] >= 0
+
+
 @pytest.mark.parametrize("n, m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8)])
 def test_swap_gain_formula_matches_brute_force(n, m):
     generator = torch.Generator().manual_seed(n * 10 + m)
     values = torch.rand(2, 6, 3 * m, generator=generator, dtype=torch.float64)
     values[0, :, :4] = 0.5  # ties
-    gain, block_kept = _block_swap_gains(values, n, m)
+    gain, group_kept = _block_swap_gains(values, n, m)
     width = 3 * m
+    assert group_kept.shape == (2, 3)
     for k in range(2):
         base = nm_kept_score(values[k], n, m)
-        assert block_kept[k].item() == pytest.approx(base, rel=1e-12)
+        assert group_kept[k].sum().item() == pytest.approx(base, rel=1e-12)
+        for g in range(3):
+            assert group_kept[k, g].item() == pytest.approx(nm_kept_score(values[k, :, g * m:(g + 1) * m], n, m), rel=1e-12)
         for a in range(width):
             for b in range(width):
                 if a // m >= b // m:

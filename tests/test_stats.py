@@ -114,3 +114,25 @@ def test_chunked_histogram_equals_per_channel_histc_and_leaves_the_input_alone()
             else torch.tensor([x.shape[0]] + [0] * 15, dtype=torch.float64)
         assert hist[j].tolist() == expected.to(torch.int64).tolist(), j
 
+
+
+@pytest.mark.parametrize("limit", [1, 50, 130, 10_000])
+def test_pooled_bin_indices_count_like_one_histogram(monkeypatch, limit):
+    """Indices pooled across batches and counted when the buffer fills (or a batch exceeds it) give
+    the histogram of all the data at once."""
+    import esparse.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_PENDING_MIN_ELEMENTS", limit)
+    monkeypatch.setattr(stats_module, "_PENDING_MAX_ELEMENTS", limit)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(1, rows, 6, generator=g) for rows in (3, 11, 1, 20, 7)]
+    stats = stream(batches, {"entropy"}, 8)
+    x = torch.cat([b.reshape(-1, 6) for b in batches])
+    assert torch.equal(stats.hist, channel_histogram(x, stats.lo, stats.hi, 8))
+
+
+def test_non_finite_calibration_inputs_are_refused():
+    x = torch.randn(1, 4, 3)
+    x[0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 of 3 channels contain NaN or infinite"):
+        stream([x], {"entropy"})

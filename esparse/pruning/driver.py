@@ -119,6 +119,34 @@ def _shared_input_groups(block, linears: dict[str, nn.Linear], sample: torch.Ten
 
 
 DEFAULT_STATS_CACHE_BYTES = 4 * 2**30
+_CUDA_CACHE_SHARE_OF_FREE = 0.5
+
+
+def stats_cache_budget(device: torch.device, configured: int | None) -> int:
+    """Bytes of linear inputs a block may hold between the two statistics passes: `configured`, or by
+    default 4 GiB, raised on a GPU to half of its free memory (the other half stays for the forward),
+    where a second forward pass is the larger cost."""
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(DEFAULT_STATS_CACHE_BYTES, int(free * _CUDA_CACHE_SHARE_OF_FREE))
+    return DEFAULT_STATS_CACHE_BYTES
+
+
+def _kept_input(x: torch.Tensor, store_device: torch.device) -> tuple[torch.Tensor, int]:
+    """A linear's input held for the replay, with its version counter at capture.
+
+    The block's forward creates a fresh tensor for every linear input, so one that owns its whole
+    storage and already lives on `store_device` is held as it is (the version counter shows any
+    later in-place write); anything else (another device, a view into a larger buffer) is copied.
+    """
+    x = x.detach()
+    owns_storage = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    if x.device == store_device and owns_storage:
+        return x, x._version
+    copy = x.to(store_device, copy=True)
+    return copy, copy._version
 
 
 def _accumulate_statistics(block, linears, accumulators: dict[str, StatsAccumulator], inputs: torch.Tensor,
@@ -126,14 +154,14 @@ def _accumulate_statistics(block, linears, accumulators: dict[str, StatsAccumula
     """Stream every accumulator's statistics from the block's calibration forward pass.
 
     Statistics with a range pass (entropy) see the same inputs twice. When the inputs of the block's
-    linears fit in `cache_bytes` they are copied once during the range pass and replayed, in the same
-    batch order, for the main pass, so the result is bit-identical to a second forward pass that the
-    cache saves (one forward instead of two per block).
+    linears fit in `cache_bytes` they are held (`_kept_input`) during the range pass and replayed, in
+    the same batch order, for the main pass, so the result is bit-identical to a second forward pass
+    that the cache saves (one forward instead of two per block).
     """
     two_pass = any(acc.needs_range_pass for acc in accumulators.values())
     tokens = inputs.shape[0] * inputs.shape[1]
     needed = sum(tokens * linears[leader].in_features for leader in accumulators) * inputs.element_size()
-    cache: dict[str, list[torch.Tensor]] | None = {leader: [] for leader in accumulators} \
+    cache: dict[str, list[tuple[torch.Tensor, int]]] | None = {leader: [] for leader in accumulators} \
         if two_pass and needed <= cache_bytes else None
     if two_pass and cache is None:
         log.info("statistics: %.2f GiB of block inputs exceed the cache (%.2f GiB): second forward pass",
@@ -143,7 +171,7 @@ def _accumulate_statistics(block, linears, accumulators: dict[str, StatsAccumula
         def hook(module, args, output):
             acc.observe_range(args[0])
             if cache is not None:
-                cache[leader].append(args[0].detach().to(store_device, copy=True))
+                cache[leader].append(_kept_input(args[0], store_device))
         return hook
 
     def main_hook(acc):
@@ -162,8 +190,18 @@ def _accumulate_statistics(block, linears, accumulators: dict[str, StatsAccumula
     if cache is None:
         forward_with({leader: main_hook(acc) for leader, acc in accumulators.items()})
         return
+    written = sorted(leader for leader, batches in cache.items()
+                     if any(batch._version != version for batch, version in batches))
+    if written:
+        # A model that writes into a linear's input after the linear read it: the held tensors no
+        # longer hold what the linear saw, so the statistics come from a second forward pass.
+        log.warning("statistics: the inputs of %s were modified in place after use: second forward pass",
+                    ", ".join(written))
+        cache.clear()
+        forward_with({leader: main_hook(acc) for leader, acc in accumulators.items()})
+        return
     for leader, acc in accumulators.items():
-        for batch in cache.pop(leader):
+        for batch, _ in cache.pop(leader):
             acc.observe(batch, sequences=batch.shape[0])
 
 
@@ -185,15 +223,15 @@ def single_device_placement(blocks: nn.ModuleList, device: torch.device) -> Bloc
 def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPattern,
                 calibration_tokens: torch.Tensor | None, device: str | torch.device = "cpu",
                 offload_activations: bool = False, progress: bool = True,
-                stats_cache_bytes: int = DEFAULT_STATS_CACHE_BYTES,
+                stats_cache_bytes: int | None = None,
                 placement: BlockPlacement | None = None, max_blocks: int | None = None) -> PruneOutcome:
     """Prune every nn.Linear inside the decoder blocks of `model` in place.
 
     `placement` (esparse.placement.plan_placement) spreads blocks over several devices; without it
-    every block runs on `device`. `stats_cache_bytes` bounds the copies of a block's linear inputs
-    kept between the two passes of statistics that need a fixed range first (entropy); above it the
-    block runs forward twice. `max_blocks` prunes only the first blocks (memory and speed studies of
-    models too large to finish; the summary says how many were pruned).
+    every block runs on `device`. `stats_cache_bytes` bounds the block's linear inputs held between
+    the two passes of statistics that need a fixed range first (entropy); above it the block runs
+    forward twice (None: `stats_cache_budget`). `max_blocks` prunes only the first blocks (memory
+    and speed studies of models too large to finish; the summary says how many were pruned).
     """
     start = time.perf_counter()
     blocks_prefix, blocks = find_decoder_blocks(model)
@@ -244,7 +282,7 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
                 for leader in groups
             }
             _accumulate_statistics(block, linears, accumulators, inputs, block_kwargs, device,
-                                   inputs.device, stats_cache_bytes)
+                                   inputs.device, stats_cache_budget(inputs.device, stats_cache_bytes))
             for leader, members in groups.items():
                 shared = accumulators[leader].finalize()
                 stats.update({member: shared for member in members})

@@ -28,21 +28,59 @@ def _check_scores(score: torch.Tensor) -> None:
 _NETWORK_MAX_WIDTH = 16  # up to this group width a min/max sorting network beats topk/sort by ~10x
 
 
+def _merge_exchange_comparators(width: int) -> list[tuple[int, int]]:
+    """Batcher's merge-exchange sorting network for any width (Knuth, TAOCP 5.2.2, Algorithm M):
+    comparator (i, j), i < j, puts the larger value at i."""
+    comparators = []
+    top = 1 << max(0, (width - 1).bit_length() - 1)
+    p = top
+    while p > 0:
+        q, r, d = top, 0, p
+        while True:
+            comparators.extend((i, i + d) for i in range(width - d) if i & p == r)
+            if q == p:
+                break
+            d, q, r = q - p, q // 2, p
+        p //= 2
+    return comparators
+
+
+_SELECTION_NETWORKS: dict[tuple[int, int], list[tuple[int, int, bool, bool]]] = {}
+
+
+def _selection_network(width: int, count: int) -> list[tuple[int, int, bool, bool]]:
+    """The comparators of the sorting network that the `count` largest outputs depend on, each with
+    which of its two outputs (max to i, min to j) is used later."""
+    key = (width, count)
+    if key not in _SELECTION_NETWORKS:
+        live = set(range(count))
+        kept = []
+        for i, j in reversed(_merge_exchange_comparators(width)):
+            want_max, want_min = i in live, j in live
+            if want_max or want_min:
+                kept.append((i, j, want_max, want_min))
+                live |= {i, j}
+        _SELECTION_NETWORKS[key] = kept[::-1]
+    return _SELECTION_NETWORKS[key]
+
+
 def descending_values(values: torch.Tensor, count: int) -> list[torch.Tensor]:
     """The `count` largest values along the last dim, largest first, as tensors of shape values.shape[:-1].
 
-    Values only, so how ties are ordered cannot matter. Small widths use an odd-even
-    transposition network of torch.maximum/minimum (exact, identical on every device).
+    Values only, so how ties are ordered cannot matter. Small widths use a min/max sorting network
+    cut down to the comparators the `count` largest outputs need (exact, identical on every device).
     """
     width = values.shape[-1]
     if not 1 <= count <= width:
         raise ValueError(f"cannot take the {count} largest of {width} values")
     if width <= _NETWORK_MAX_WIDTH:
         lanes = list(values.unbind(-1))
-        for round_index in range(width):
-            for i in range(round_index % 2, width - 1, 2):
-                upper, lower = lanes[i], lanes[i + 1]
-                lanes[i], lanes[i + 1] = torch.maximum(upper, lower), torch.minimum(upper, lower)
+        for i, j, want_max, want_min in _selection_network(width, count):
+            upper, lower = lanes[i], lanes[j]
+            if want_max:
+                lanes[i] = torch.maximum(upper, lower)
+            if want_min:
+                lanes[j] = torch.minimum(upper, lower)
         return lanes[:count]
     return list(torch.topk(values, count, dim=-1, largest=True, sorted=True).values.unbind(-1))
 

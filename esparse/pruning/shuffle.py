@@ -40,7 +40,11 @@ import torch
 from esparse.pruning.masks import check_permutation, descending_values
 
 SHUFFLE_MODES = ("none", "global", "global+local")
-_CHUNK_ELEMENTS = 1 << 18  # rows per chunk keep the [K, G, rows, B] temporaries cache-sized
+# Rows per chunk of the gain computation: [K, G, rows, B] float64 temporaries of 4 MiB on a CPU (the
+# fastest of 2^15..2^20 elements on 2 cores); on a GPU every chunk costs a dozen kernel launches, so
+# chunks are as large as a few hundred MiB allow.
+_CHUNK_ELEMENTS = {"cpu": 1 << 19}
+_CHUNK_ELEMENTS_OTHER = 1 << 25
 _SCREEN_REL_TOL = 1e-6  # screening threshold: smaller relative gains are negligible
 _FIXED_POINT_BITS = 24  # grid resolution relative to the largest score (float32-like precision)
 _EXACT_FLOAT64_SUM = 2 ** 53
@@ -59,13 +63,17 @@ def fixed_point_scores(score: torch.Tensor) -> torch.Tensor:
     return torch.round(values * (2.0 ** bits / peak))
 
 
-def _group_top_sum(grouped: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum of the n largest values along the last dim."""
-    top = descending_values(grouped, n)
-    total = top[0]
-    for value in top[1:]:
+def _sum_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """t0 + t1 + ... in that order (a fixed order keeps float sums reproducible)."""
+    total = tensors[0]
+    for value in tensors[1:]:
         total = total + value
     return total
+
+
+def _group_top_sum(grouped: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of the n largest values along the last dim."""
+    return _sum_of(descending_values(grouped, n))
 
 
 def nm_kept_score(score: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
@@ -99,24 +107,23 @@ def global_naive_shuffle(score: torch.Tensor, m: int) -> torch.Tensor:
 def _block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gain of swapping positions a, b (a's group < b's group) in every block (module docstring).
 
-    values: [K, R, B] block scores in the current order. Returns gain [K, B, B] (-inf where not a
-    candidate) and the kept score per block [K]. Every term is a sum over rows, so rows are
-    processed in chunks small enough to stay in cache.
+    values: [K, R, B] block scores in the current order, integer-valued. Returns gain [K, B, B]
+    (-inf where not a candidate) and the kept score of every group [K, G]. Every term is a sum
+    over rows, so rows are processed in chunks small enough to stay in cache.
     """
     blocks, rows, width = values.shape
     groups = width // m
     dtype, device = values.dtype, values.device
     loss = torch.zeros(blocks, width, dtype=dtype, device=device)
     gain_in = torch.zeros(blocks, groups, m, width, dtype=dtype, device=device)
-    block_kept = torch.zeros(blocks, dtype=dtype, device=device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, blocks * groups * width))
+    group_kept = torch.zeros(blocks, groups, dtype=dtype, device=device)
+    chunk = max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_OTHER) // max(1, blocks * groups * width))
     for start in range(0, rows, chunk):
         part = values[:, start : start + chunk, :]  # [K, r, B]
         grouped = part.reshape(blocks, -1, groups, m)
         top = descending_values(grouped, n + 1)
         nth, next_after = top[n - 1], top[n]  # [K, r, G]
-        for value in top[:n]:
-            block_kept += value.sum(dim=(1, 2))
+        group_kept += _sum_of(top[:n]).sum(dim=1)
         kept = grouped > next_after.unsqueeze(-1)
         # loss_a = next - s_a for kept a (negative), 0 otherwise (next - s_a >= 0 there)
         loss += (next_after.unsqueeze(-1) - grouped).clamp_(max=0).sum(dim=1).reshape(blocks, width)
@@ -132,39 +139,39 @@ def _block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tenso
     gain = loss.unsqueeze(2) + loss.unsqueeze(1) + gain_in + gain_in.transpose(1, 2)
     position_group = torch.arange(width, device=device) // m
     not_candidate = position_group.unsqueeze(1) >= position_group.unsqueeze(0)
-    return gain.masked_fill_(not_candidate, float("-inf")), block_kept
+    return gain.masked_fill_(not_candidate, float("-inf")), group_kept
 
 
-def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_tol: float) -> tuple[torch.Tensor, int, int]:
+def _local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol: float) -> tuple[torch.Tensor, int, int, float]:
     """Local search inside K equal blocks at once.
 
-    columns: float64 [K, B, R], the score columns of each block (row-major per column).
-    Returns order [K, B] (block-local column at each position), passes run, swaps applied.
+    values: float64 [K, R, B], integer-valued: the score of each block, block-local column b at b.
+    Returns order [K, B] (block-local column at each position), passes run, swaps applied and the
+    total exact gain of the applied swaps (an integer, as the values are).
     """
-    blocks, width, rows = columns.shape
-    device = columns.device
+    blocks, rows, width = values.shape
+    device = values.device
     groups = width // m
     order = torch.arange(width, device=device).repeat(blocks, 1)
     if groups < 2 or max_passes == 0:
-        return order, 0, 0
-    screen = columns.transpose(1, 2).contiguous()  # [K, R, B], integer-valued float64: exact sums
+        return order, 0, 0, 0.0
     position_group = torch.arange(width, device=device) // m
     group_positions = torch.arange(width, device=device).reshape(groups, m)
     passes = swaps = 0
+    total_gain = torch.zeros((), dtype=values.dtype, device=device)
     # Blocks are searched independently; a block whose last pass applied no swap has no improving
     # swap left (its gains did not change), so later passes only recompute the blocks still moving.
     active = torch.arange(blocks, device=device)
     for _ in range(max_passes):
         block_order = order[active]
-        block_columns = columns[active]
         live = active.numel()
-        gain, block_kept = _block_swap_gains(
-            screen[active].gather(2, block_order.unsqueeze(1).expand(live, rows, width)), n, m)
-        screen_tolerance = _SCREEN_REL_TOL * block_kept.abs()
-        # Exact kept score of every group in the current order [live, G]: integer-valued float64, so
-        # the sum of two groups equals their joint sum exactly; updated as swaps are applied.
-        ordered = block_columns.gather(1, block_order.unsqueeze(2).expand(live, width, rows))
-        group_kept = _group_top_sum(ordered.reshape(live, groups, m, rows).transpose(2, 3), n).sum(dim=2)
+        # The blocks' values in their order at the start of this pass. A swap masks both its
+        # groups for the rest of the pass, so every later candidate reads groups still in this order.
+        ordered = values[active].gather(2, block_order.unsqueeze(1).expand(live, rows, width))
+        # group_kept: exact kept score of every group [live, G] (integer-valued float64, so the sum
+        # of two groups equals their joint sum exactly); updated as swaps are applied.
+        gain, group_kept = _block_swap_gains(ordered, n, m)
+        screen_tolerance = _SCREEN_REL_TOL * group_kept.sum(dim=1).abs()
         passes += 1
         applied = torch.zeros(live, dtype=torch.int64, device=device)
         for _ in range(groups):  # each step: at most one swap per block
@@ -176,20 +183,21 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
             a, b = flat_index[idx] // width, flat_index[idx] % width
             group_a, group_b = a // m, b // m
             # Exact float64 re-check of each candidate on its two groups.
-            before_cols = block_order[idx.unsqueeze(1), torch.cat([group_positions[group_a], group_positions[group_b]], dim=1)]
-            after_cols = before_cols.clone()
+            before_positions = torch.cat([group_positions[group_a], group_positions[group_b]], dim=1)
+            after_positions = before_positions.clone()
             pick = torch.arange(idx.numel(), device=device)
             slot_a, slot_b = a % m, m + b % m
-            after_cols[pick, slot_a] = before_cols[pick, slot_b]
-            after_cols[pick, slot_b] = before_cols[pick, slot_a]
+            after_positions[pick, slot_a] = before_positions[pick, slot_b]
+            after_positions[pick, slot_b] = before_positions[pick, slot_a]
             before = group_kept[idx, group_a] + group_kept[idx, group_b]
-            after_groups = _group_top_sum(
-                block_columns[idx.unsqueeze(1), after_cols].reshape(-1, 2, m, rows).transpose(2, 3), n).sum(dim=2)
+            after_values = ordered[idx].gather(2, after_positions.unsqueeze(1).expand(-1, rows, 2 * m))
+            after_groups = _group_top_sum(after_values.reshape(-1, rows, 2, m), n).sum(dim=1)
             after = after_groups.sum(dim=1)
             accept = (after - before) > rel_tol * before.abs()
             gain[idx[~accept], a[~accept], b[~accept]] = float("-inf")
             if not bool(accept.any()):
                 continue
+            total_gain += (after - before)[accept].sum()
             group_kept[idx[accept], group_a[accept]] = after_groups[accept, 0]
             group_kept[idx[accept], group_b[accept]] = after_groups[accept, 1]
             idx, a, b = idx[accept], a[accept], b[accept]
@@ -207,7 +215,7 @@ def _local_search(columns: torch.Tensor, n: int, m: int, max_passes: int, rel_to
         active = active[applied > 0]
         if active.numel() == 0:
             break
-    return order, passes, swaps
+    return order, passes, swaps, float(total_gain)
 
 
 def local_block_shuffle(
@@ -223,7 +231,7 @@ def local_block_shuffle(
     """Refine `perm` (identity when None) by swaps between groups inside blocks of `block_size` positions.
 
     Returns the new permutation (CPU LongTensor) and {"passes": most passes any block ran,
-    "swaps": swaps applied}.
+    "swaps": swaps applied, "gain": N:M kept score gained, exact for integer-valued scores}.
     """
     rows, cols = score.shape
     if cols % m != 0:
@@ -234,21 +242,22 @@ def local_block_shuffle(
         raise ValueError(f"local shuffle: max_passes must be >= 0, got {max_passes}")
     perm = torch.arange(cols) if perm is None else perm.detach().cpu().long()
     check_permutation(perm, cols)
-    # Columns in the current order, one row of memory per column: [C_in, R] float64.
-    columns = score.detach().t().to(torch.float64)[perm.to(score.device)]
+    ordered = score.detach().to(torch.float64)[:, perm.to(score.device)]  # [R, C_in] in the current order
     width = min(block_size, cols)
     full_blocks, tail = divmod(cols, width)
     spans = [(0, full_blocks, width)] if full_blocks else []
     if tail:
         spans.append((full_blocks * width, 1, tail))
     new_perm = perm.clone()
-    info = {"passes": 0, "swaps": 0}
+    info = {"passes": 0, "swaps": 0, "gain": 0.0}
     for start, count, size in spans:
         stop = start + count * size
-        order, passes, swaps = _local_search(columns[start:stop].reshape(count, size, rows), n, m, max_passes, rel_tol)
+        blocks = ordered[:, start:stop].reshape(rows, count, size).transpose(0, 1).contiguous()  # [K, R, B]
+        order, passes, swaps, gain = _local_search(blocks, n, m, max_passes, rel_tol)
         new_perm[start:stop] = perm[start:stop].reshape(count, size).gather(1, order.cpu()).reshape(-1)
         info["passes"] = max(info["passes"], passes)
         info["swaps"] += swaps
+        info["gain"] += gain
     return new_perm, info
 
 
@@ -318,7 +327,8 @@ def channel_shuffle(
         )
         local_info = {**local_info, "start": start, "block_size": block_size, "max_passes": max_passes}
         name = f"{start}+local"
-        candidates[name] = (local_perm, nm_kept_score(grid, n, m, local_perm))
+        # Integer grid: the start's kept score plus the applied swaps' exact gains is exact.
+        candidates[name] = (local_perm, candidates[start][1] + local_info["gain"])
         if not keep_best or candidates[name][1] >= candidates[start][1]:
             current = name
     perm = candidates[current][0]

@@ -12,6 +12,7 @@
 # H: issue 9 on one GPU (placement tests, 65B-shape first blocks pruned resident and offloaded).
 # I: the full benchmark's first half (SmolLM2, 7B, 13B shapes, every token bucket, every backend).
 # J: the full benchmark's second half (30B, 65B shapes).
+# P: pruning time on the GPU, E-Sparse against Wanda (LLaMA-7B and -65B shapes, first blocks).
 # T: every test file that holds CUDA-only tests, on the GPU.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
@@ -155,6 +156,23 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     stamp "bench $HALF ($SHAPES; every bucket)"
     timeout $(( 560 - ($(date +%s) - T0) )) $BENCH --out "$OUT/kernels_h200_$HALF.csv" --shapes $SHAPES \
         --worker-timeout 300 2>&1 | tee "$OUT/bench_$HALF.log" | grep -v "^  [0-9]"
+    ;;
+  P)
+    # issue 3's time budget on the GPU: E-Sparse against Wanda, same shapes and calibration (the paper's
+    # 128 x 2048), first blocks of LLaMA-7B and -65B-shape random models; first the CUDA pruning tests
+    # (CPU and CUDA choose bit-identical masks and permutations).
+    carried_wheels
+    stamp "pruning CUDA tests"
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_pruning_cuda.py 2>&1 | tee "$OUT/pytest_pruning_cuda.log" | tail -5
+    SCALE="$PY -m esparse.cli prune-scale --pattern 2:4 --devices cuda --nsamples 128 --seqlen 2048"
+    for shape in llama-7b llama-65b; do
+        blocks=4; [ "$shape" = llama-65b ] && blocks=2
+        for method in wanda esparse; do
+            stamp "$shape, $blocks blocks, $method"
+            timeout 200 $SCALE --shape "$shape" --blocks "$blocks" --method "$method" \
+                --out "$OUT/prune_time_${shape}_${method}.json" 2>&1 | tee "$OUT/prune_time_${shape}_${method}.log" | tail -8
+        done
+    done
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed
