@@ -22,6 +22,8 @@ SUBCOMMANDS = {
               "configure_parser", "run_cli"),
     "prune-scale": ("esparse.scale", "prune the first blocks of a LLaMA-shaped random model across devices; "
                     "record memory per device", "configure_parser", "run_cli"),
+    "prune-bench": ("esparse.prune_bench", "time E-Sparse against Wanda pruning, pairs alternating in one process",
+                    "configure_parser", "run_cli"),
     "reference": ("esparse.audit", "export a run's tables and provenance as a reference for `audit --against`",
                   "configure_reference_parser", "run_reference_cli"),
 }

@@ -13,8 +13,8 @@ Local block shuffle: positions are cut into blocks of B consecutive positions (B
 a shorter last block when B does not divide C_in). One *pass* computes, in every block at once,
 the gain of every swap of two channels in different groups, then applies the best improving swaps
 on pairwise-disjoint group pairs (each group in at most one swap per pass, so gains add up).
-Passes repeat until no swap helps or `max_passes` is reached. Gains are screened in float32 and
-every swap is re-checked exactly in float64 on its two groups before it is applied, so each
+Passes repeat until no swap helps or `max_passes` is reached. Gains are screened for the whole
+block and every swap is re-checked exactly on its two groups before it is applied, so each
 applied swap raises the kept score: the search is monotone.
 
 Swap gain, per row i: with R = group of a without a, nth/next = N-th/(N+1)-th largest of the full
@@ -167,7 +167,11 @@ def _local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol
         live = active.numel()
         # The blocks' values in their order at the start of this pass. A swap masks both its
         # groups for the rest of the pass, so every later candidate reads groups still in this order.
-        ordered = values[active].gather(2, block_order.unsqueeze(1).expand(live, rows, width))
+        if passes == 0:  # every block, in its starting order
+            ordered = values
+        else:
+            moving = values if live == blocks else values[active]
+            ordered = moving.gather(2, block_order.unsqueeze(1).expand(live, rows, width))
         # group_kept: exact kept score of every group [live, G] (integer-valued float64, so the sum
         # of two groups equals their joint sum exactly); updated as swaps are applied.
         gain, group_kept = _block_swap_gains(ordered, n, m)
@@ -242,7 +246,8 @@ def local_block_shuffle(
         raise ValueError(f"local shuffle: max_passes must be >= 0, got {max_passes}")
     perm = torch.arange(cols) if perm is None else perm.detach().cpu().long()
     check_permutation(perm, cols)
-    ordered = score.detach().to(torch.float64)[:, perm.to(score.device)]  # [R, C_in] in the current order
+    source = score.detach().to(torch.float64)
+    device_perm = perm.to(score.device)
     width = min(block_size, cols)
     full_blocks, tail = divmod(cols, width)
     spans = [(0, full_blocks, width)] if full_blocks else []
@@ -252,7 +257,9 @@ def local_block_shuffle(
     info = {"passes": 0, "swaps": 0, "gain": 0.0}
     for start, count, size in spans:
         stop = start + count * size
-        blocks = ordered[:, start:stop].reshape(rows, count, size).transpose(0, 1).contiguous()  # [K, R, B]
+        # [K, R, B]: block k's columns in the current order, gathered in one copy
+        index = device_perm[start:stop].view(count, 1, size).expand(count, rows, size)
+        blocks = source.unsqueeze(0).expand(count, rows, cols).gather(2, index)
         order, passes, swaps, gain = _local_search(blocks, n, m, max_passes, rel_tol)
         new_perm[start:stop] = perm[start:stop].reshape(count, size).gather(1, order.cpu()).reshape(-1)
         info["passes"] = max(info["passes"], passes)
