@@ -159,11 +159,13 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     ;;
   P)
     # issue 3's time budget on the GPU: E-Sparse against Wanda, same shapes and calibration (the paper's
-    # 128 x 2048), first blocks of LLaMA-7B and -65B-shape random models; first the CUDA pruning tests
-    # (CPU and CUDA choose bit-identical masks and permutations).
+    # 128 x 2048), first blocks of LLaMA-7B and -65B-shape random models; first the CUDA pruning,
+    # placement and driver tests (CPU and CUDA choose bit-identical masks and permutations). Run P1
+    # and P2 ran only tests/test_pruning_cuda.py.
     carried_wheels
     stamp "pruning CUDA tests"
-    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_pruning_cuda.py 2>&1 | tee "$OUT/pytest_pruning_cuda.log" | tail -5
+    timeout 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_pruning_cuda.py tests/test_placement.py \
+        tests/test_driver.py 2>&1 | tee "$OUT/pytest_pruning_cuda.log" | tail -8
     SCALE="$PY -m esparse.cli prune-scale --pattern 2:4 --devices cuda --nsamples 128 --seqlen 2048"
     for shape in llama-7b llama-65b; do
         blocks=4; [ "$shape" = llama-65b ] && blocks=2
