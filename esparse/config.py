@@ -36,6 +36,17 @@ _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$")
 _WORDS = {"true": True, "false": False, "null": None, "none": None, "~": None}
 
 
+def parse_assignments(items: list[str], option: str, example: str) -> dict[str, str]:
+    """`NAME=VALUE` command-line items (e.g. repeated `--config preset=default`) as a dict."""
+    assignments = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{option} {item!r} is not NAME=VALUE (e.g. {example})")
+        name, value = item.split("=", 1)
+        assignments[name.strip()] = value.strip()
+    return assignments
+
+
 def parse_cli_values(value: Any) -> Any:
     """Snakemake's `--config key={a: 1}` hands nested scalars over as strings ('1'). Read plain numbers,
     true/false and null as such; every other string (e.g. a pattern "2:4") stays a string."""

@@ -123,15 +123,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .config import resolve_config
+    from .config import parse_assignments, resolve_config
 
-    overrides = {}
-    for item in args.config:
-        if "=" not in item:
-            raise ConfigError(f"--config {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key] = value
-    config = resolve_config(overrides)
+    config = resolve_config(parse_assignments(args.config, "--config", "preset=default"))
     settings = {name: config["method_settings"].get(name, {}) for name in METHODS}
     record = run_prune_benchmark(args.model, args.calibration, [p.strip() for p in args.patterns.split(",") if p.strip()],
                                  args.repeats, settings, dtype=args.dtype or config["dtype"], device=args.device,

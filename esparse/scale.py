@@ -130,12 +130,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    max_memory = {}
-    for item in args.max_memory:
-        if "=" not in item:
-            raise ConfigError(f"--max-memory {item!r} is not DEVICE=SIZE (e.g. cuda:0=20GiB)")
-        device, size = item.split("=", 1)
-        max_memory[device.strip()] = size.strip()
+    from .config import parse_assignments
+
+    max_memory = parse_assignments(args.max_memory, "--max-memory", "cuda:0=20GiB")
     logging.getLogger("esparse").setLevel(logging.INFO)
     record = run_scale_study(args.shape, args.blocks, args.method, args.pattern, args.devices, args.nsamples,
                              args.seqlen, args.dtype, max_memory or None, args.seed)

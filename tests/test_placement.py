@@ -229,3 +229,4 @@ def test_scale_study_on_a_small_shape(monkeypatch, tmp_path):
     assert len(record["layer_seconds_per_block"]) == 2
     assert main(["prune-scale", "--shape", "small", "--blocks", "4", "--devices", "cpu", "--out", str(out)]) == 2
     assert main(["prune-scale", "--shape", "llama-99b", "--devices", "cpu", "--out", str(out)]) == 2
+    assert main(["prune-scale", "--shape", "small", "--devices", "cpu", "--max-memory", "cuda:0", "--out", str(out)]) == 2

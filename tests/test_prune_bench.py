@@ -40,3 +40,6 @@ def test_prune_benchmark_cli(tiny_model_dirs, tmp_path, capsys):
     assert record["summary"][0]["pattern"] == "4:8" and record["threads"] >= 1
     assert main(["prune-bench", "--model", str(tiny_model_dirs["opt"]), "--calibration", str(calibration),
                  "--repeats", "0", "--out", str(out)]) == 2
+    assert main(["prune-bench", "--model", str(tiny_model_dirs["opt"]), "--calibration", str(calibration),
+                 "--config", "preset", "--out", str(out)]) == 2
+    assert "--config 'preset' is not NAME=VALUE" in capsys.readouterr().err
