@@ -170,10 +170,10 @@ class StatsAccumulator:
             if self._range_tokens == 0:
                 raise RuntimeError("entropy histogram needs observe_range() over all inputs first")
             if not self._range_is_finite:
-                if not bool(torch.isfinite(self.lo).all() and torch.isfinite(self.hi).all()):
-                    bad = int((~(torch.isfinite(self.lo) & torch.isfinite(self.hi))).sum())
-                    raise ValueError(f"calibration inputs of {bad} of {self.in_features} channels contain NaN or "
-                                     "infinite values; the entropy histogram needs finite inputs")
+                finite = torch.isfinite(self.lo) & torch.isfinite(self.hi)
+                if not bool(finite.all()):
+                    raise ValueError(f"calibration inputs of {int((~finite).sum())} of {self.in_features} channels "
+                                     "contain NaN or infinite values; the entropy histogram needs finite inputs")
                 self._range_is_finite = True
             self._add_to_histogram(flat)
         if self.hessian is not None:
