@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from esparse.stats import LayerStats, StatsAccumulator, channel_histogram
+from esparse.stats import (LayerStats, ScratchPool, StatsAccumulator, channel_bin_index, channel_histogram,
+                           histogram_scratch_elements)
 
 
 def brute_entropy(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -24,8 +25,8 @@ def brute_entropy(x: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def stream(batches, needs, bins=8):
-    acc = StatsAccumulator(batches[0].shape[-1], frozenset(needs), bins)
+def stream(batches, needs, bins=8, scratch=None):
+    acc = StatsAccumulator(batches[0].shape[-1], frozenset(needs), bins, scratch=scratch)
     if acc.needs_range_pass:
         for b in batches:
             acc.observe_range(b)
@@ -136,3 +137,38 @@ def test_non_finite_calibration_inputs_are_refused():
     x[0, 2, 1] = float("nan")
     with pytest.raises(ValueError, match="1 of 3 channels contain NaN or infinite"):
         stream([x], {"entropy"})
+
+
+def test_scratch_pool_hands_back_the_smallest_fitting_buffer_of_the_dtype():
+    pool = ScratchPool()
+    small, large = pool.take(10, torch.int32, torch.device("cpu")), pool.take(100, torch.int32, torch.device("cpu"))
+    pool.give(large)
+    pool.give(small)
+    assert pool.take(5, torch.float64, torch.device("cpu")).dtype == torch.float64  # no int32 buffer handed out
+    assert pool.take(8, torch.int32, torch.device("cpu")) is small
+    assert pool.take(8, torch.int32, torch.device("cpu")) is large
+    fresh = pool.take(8, torch.int32, torch.device("cpu"))
+    assert fresh is not small and fresh is not large
+
+
+def test_accumulators_sharing_a_pool_reuse_its_buffers_and_count_the_same():
+    """Garbage left in a reused buffer by one layer must not leak into the next layer's histogram."""
+    g = torch.Generator().manual_seed(9)
+    layers = [[torch.randn(2, 5, width, generator=g) * 3 for _ in range(3)] for width in (8, 8, 4, 8)]
+    pool = ScratchPool()
+    for batches in layers:
+        shared = stream(batches, {"entropy"}, 16, scratch=pool)
+        alone = stream(batches, {"entropy"}, 16)
+        assert torch.equal(shared.hist, alone.hist)
+    assert len(pool._free) == 2  # one index buffer and one float64 scratch, passed from layer to layer
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 3000])
+def test_bin_index_with_given_scratch_equals_the_allocating_path(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 300, generator=g)
+    lo, hi = x.amin(0).to(torch.float64), x.amax(0).to(torch.float64)
+    scratch = torch.full((histogram_scratch_elements(300, x.device),), float("nan"), dtype=torch.float64)
+    assert torch.equal(channel_bin_index(x, lo, hi, 32, scratch=scratch), channel_bin_index(x, lo, hi, 32))
+    with pytest.raises(ValueError, match="scratch must be a 1-D float64 tensor"):
+        channel_bin_index(x, lo, hi, 32, scratch=torch.empty(min(tokens, 2) * 300 - 1, dtype=torch.float64))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..models import find_decoder_blocks, find_linears
 from ..placement import BlockPlacement, to_device
-from ..stats import StatsAccumulator
+from ..stats import ScratchPool, StatsAccumulator
 from .methods import PruningMethod, check_layer_result
 from .pattern import SparsityPattern, check_layer_width
 
@@ -257,6 +257,7 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
         outputs = torch.empty_like(inputs)
         kwargs_on = {device: first_kwargs}
     outcome = PruneOutcome()
+    scratch = ScratchPool()  # histogram buffers, reused layer after layer and block after block
     kept_total = 0
     weights_total = 0
     selected = list(blocks)[:max_blocks] if max_blocks is not None else list(blocks)
@@ -278,7 +279,8 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
         if uses_calibration:
             groups = _shared_input_groups(block, linears, inputs[:1], block_kwargs, device)
             accumulators = {
-                leader: StatsAccumulator(linears[leader].in_features, needs, method.entropy_bins or 0, device)
+                leader: StatsAccumulator(linears[leader].in_features, needs, method.entropy_bins or 0, device,
+                                         scratch=scratch)
                 for leader in groups
             }
             _accumulate_statistics(block, linears, accumulators, inputs, block_kwargs, device,
