@@ -117,7 +117,12 @@ def _block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tenso
     loss = torch.zeros(blocks, width, dtype=dtype, device=device)
     gain_in = torch.zeros(blocks, groups, m, width, dtype=dtype, device=device)
     group_kept = torch.zeros(blocks, groups, dtype=dtype, device=device)
-    chunk = max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_OTHER) // max(1, blocks * groups * width))
+    chunk = min(rows, max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_OTHER) // max(1, blocks * groups * width)))
+    # Broadcast results written into contiguous buffers: left to allocate its own output, a
+    # broadcast sub/minimum here takes a strided layout that was measured 7x slower on the CPU and
+    # that the matmul below then copies.
+    over_nth_buffer = torch.empty(blocks * groups * chunk * width, dtype=dtype, device=device)
+    extra_buffer = torch.empty_like(over_nth_buffer)
     for start in range(0, rows, chunk):
         part = values[:, start : start + chunk, :]  # [K, r, B]
         grouped = part.reshape(blocks, -1, groups, m)
@@ -130,9 +135,11 @@ def _block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tenso
         incoming = part.unsqueeze(1)  # [K, 1, r, B]
         nth_t = nth.transpose(1, 2).unsqueeze(-1)  # [K, G, r, 1]
         next_t = next_after.transpose(1, 2).unsqueeze(-1)
-        over_nth = (incoming - nth_t).clamp_(min=0)  # [K, G, r, B]
+        shape = (blocks, groups, part.shape[1], width)
+        size = blocks * groups * part.shape[1] * width
+        over_nth = torch.sub(incoming, nth_t, out=over_nth_buffer[:size].view(shape)).clamp_(min=0)  # [K, G, r, B]
         # relu(s - next) - relu(s - nth) == relu(min(s, nth) - next), as next <= nth
-        extra = torch.minimum(incoming, nth_t).sub_(next_t).clamp_(min=0)
+        extra = torch.minimum(incoming, nth_t, out=extra_buffer[:size].view(shape)).sub_(next_t).clamp_(min=0)
         gain_in += over_nth.sum(dim=2, keepdim=True)
         gain_in += torch.matmul(kept.permute(0, 2, 3, 1).to(dtype), extra)
     gain_in = gain_in.reshape(blocks, width, width)
@@ -157,6 +164,7 @@ def _local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol
         return order, 0, 0, 0.0
     position_group = torch.arange(width, device=device) // m
     group_positions = torch.arange(width, device=device).reshape(groups, m)
+    row_index = torch.arange(rows, device=device).view(1, rows, 1)
     passes = swaps = 0
     total_gain = torch.zeros((), dtype=values.dtype, device=device)
     # Blocks are searched independently; a block whose last pass applied no swap has no improving
@@ -194,7 +202,8 @@ def _local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol
             after_positions[pick, slot_a] = before_positions[pick, slot_b]
             after_positions[pick, slot_b] = before_positions[pick, slot_a]
             before = group_kept[idx, group_a] + group_kept[idx, group_b]
-            after_values = ordered[idx].gather(2, after_positions.unsqueeze(1).expand(-1, rows, 2 * m))
+            # Only the two groups of each candidate are read (indexing ordered[idx] first would copy whole blocks).
+            after_values = ordered[idx.view(-1, 1, 1), row_index, after_positions.unsqueeze(1)]
             after_groups = _group_top_sum(after_values.reshape(-1, rows, 2, m), n).sum(dim=1)
             after = after_groups.sum(dim=1)
             accept = (after - before) > rel_tol * before.abs()
