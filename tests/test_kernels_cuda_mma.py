@@ -52,6 +52,10 @@ def test_config_and_splits():
     assert CudaConfig.from_dict(cfg.to_dict()) == cfg and cfg.label == "mma_w8_sk4_d8"
     pre = CudaConfig(8, 4, 8, pre=True)
     assert CudaConfig.from_dict(pre.to_dict()) == pre and pre.label == "mma_w8_sk4_d8_pre"
+    direct = CudaConfig(8, 4, 8, pre=True, direct=True)
+    assert CudaConfig.from_dict(direct.to_dict()) == direct and direct.label == "mma_w8_sk4_d8_pre_ldg"
+    with pytest.raises(ConfigError, match="needs pre=True"):
+        CudaConfig(8, 4, 8, direct=True)
     assert cfg.supports(1) and cfg.supports(16) and not cfg.supports(17)
     for bad in ({"warps": 0}, {"warps": 9}, {"split_k": 0}, {"depth": 6}):
         with pytest.raises(ConfigError):
@@ -67,10 +71,13 @@ def test_candidates_fit_the_device(n, k, tokens):
     cands = cuda_candidates(n, k, tokens, n_sms=132)
     assert cands and len(set(cands)) == len(cands)
     for c in cands:
-        assert c.supports(tokens) and smem_bytes(k, c.split_k, tokens) <= cs.MAX_SMEM
+        assert c.supports(tokens) and (c.direct or smem_bytes(k, c.split_k, tokens) <= cs.MAX_SMEM)
+        assert not c.direct or tokens >= 2
         assert effective_splits(k, c.split_k) == c.split_k
         assert -(-n // c.rows_per_cta) * c.split_k <= 6 * 132
     assert cuda_candidates(n, k, 17) == [] and cuda_candidates(n, k + 32, 1) == []
+    if tokens >= 2:  # no shared memory: split-K 1 stays a candidate however long K is
+        assert any(c.direct and c.split_k == 1 for c in cands)
 
 
 def test_sparse_linear_with_cuda_plan_on_cpu_uses_reference():
@@ -91,7 +98,9 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @cuda_only
 @pytest.mark.parametrize("cfg,tokens", [(CudaConfig(4, 1, 4), 1), (CudaConfig(8, 4, 8), 5),
                                         (CudaConfig(4, 3, 4), 9), (CudaConfig(2, 6, 8), 16),
-                                        (CudaConfig(8, 2, 4, pre=True), 3), (CudaConfig(4, 4, 8, pre=True), 16)])
+                                        (CudaConfig(8, 2, 4, pre=True), 3), (CudaConfig(4, 4, 8, pre=True), 16),
+                                        (CudaConfig(8, 1, 4, pre=True, direct=True), 2),
+                                        (CudaConfig(4, 3, 8, pre=True, direct=True), 11)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
     gen = torch.Generator().manual_seed(tokens)

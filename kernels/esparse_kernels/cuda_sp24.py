@@ -117,8 +117,11 @@ class CudaConfig:
     split_k: int = 1
     depth: int = 4  # 64-column chunks in flight per thread
     pre: bool = False  # stage x[:, perm] in fragment order once (one extra launch) instead of per CTA
+    direct: bool = False  # with pre: read the staged fragments from global memory, no shared-memory copy
 
     def __post_init__(self) -> None:
+        if self.direct and not self.pre:
+            raise ConfigError("direct=True reads the fragments that pre=True stages: it needs pre=True")
         if not 1 <= self.warps <= 8:
             raise ConfigError(f"warps={self.warps} must be in 1..8")
         if self.split_k < 1:
@@ -131,11 +134,12 @@ class CudaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CudaConfig":
-        return cls(**{k: data[k] for k in ("warps", "split_k", "depth", "pre") if k in data})
+        return cls(**{k: data[k] for k in ("warps", "split_k", "depth", "pre", "direct") if k in data})
 
     @property
     def label(self) -> str:
-        return f"mma_w{self.warps}_sk{self.split_k}_d{self.depth}" + ("_pre" if self.pre else "")
+        return f"mma_w{self.warps}_sk{self.split_k}_d{self.depth}" + ("_pre" if self.pre else "") + \
+            ("_ldg" if self.direct else "")
 
     @property
     def rows_per_cta(self) -> int:
@@ -182,7 +186,7 @@ def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, work
             raise ConfigError(f"{config.label} needs a workspace built for it with dtype {x.dtype}")
         ext.sp24_stage(x, packed.perm, xfrag)
     ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, workspace.partials, workspace.counters,
-                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag)
+                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag, config.direct)
     return out
 
 
@@ -197,7 +201,7 @@ def _check_variant(ext, variant: int, device) -> bool:
         out = torch.full((tokens, 80), float("nan"), dtype=torch.float16, device=device)
         ws = torch.empty(split * tokens * 80, dtype=torch.float32, device=device)
         cnt = torch.zeros(8, dtype=torch.int32, device=device)
-        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None)
+        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None, False)
         if not rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3:
             return False
     return True
@@ -220,7 +224,9 @@ def meta_variant() -> int:
 
 def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132) -> list[CudaConfig]:
     """Configurations worth timing: 4 or 8 warps, depth 4 or 8, split-K giving 0.5-6 CTAs per SM, the
-    activations gathered per CTA or staged once by a separate launch (``pre``, from 2 tokens on)."""
+    activations gathered per CTA or staged once by a separate launch (``pre``, from 2 tokens on), and
+    staged fragments copied to shared memory or read from global memory where used (``direct``, which
+    needs no shared memory, so its split-K is not bounded by it)."""
     if not (1 <= tokens <= MAX_TOKENS) or in_features % CHUNK:
         return []
     chunks = in_features // CHUNK
@@ -235,13 +241,17 @@ def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int
             ctas = tiles * eff
             if ctas > 6 * n_sms or (ctas < n_sms // 2 and eff != chunks and split != 1):
                 continue
-            if smem_bytes(in_features, split, tokens) > MAX_SMEM:
+            fits_smem = smem_bytes(in_features, split, tokens) <= MAX_SMEM
+            if not fits_smem and tokens < 2:
                 continue
             seen.add(eff)
             for depth in DEPTHS:
-                out.append(CudaConfig(warps=warps, split_k=eff, depth=depth))
+                if fits_smem:
+                    out.append(CudaConfig(warps=warps, split_k=eff, depth=depth))
+                    if tokens >= 2:
+                        out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True))
                 if tokens >= 2:
-                    out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True))
+                    out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True, direct=True))
     return out
 
 

@@ -6,7 +6,7 @@
 # C: decode buckets (1, 16) of the LLaMA shapes without cuSPARSELt (what the remaining budget allowed).
 # D: the CUDA decode kernel (cuda_sp24): build the extension, its self-check and CUDA tests, then the
 #    decode buckets 1-16 of the LLaMA shapes, dense cuBLAS vs the CUDA kernel (Triton left out: its
-#    numbers are run C's). Run three times (D1-D3, one per kernel version, docs/PERFORMANCE.md);
+#    numbers are run C's). Run once per kernel version (D1-D4, docs/PERFORMANCE.md);
 #    reports/gpu/kernels_h200.csv = D3's kernels_h200_d1.csv + kernels_h200_d2.csv rows (run=D3)
 #    + run C's Triton rows (backends ours, ours_noperm; run=C).
 # H: issue 9 on one GPU (placement tests, 65B-shape first blocks pruned resident and offloaded).
@@ -70,15 +70,15 @@ c.load_extension(verbose=False); t1 = time.time()
 print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.meta_variant(), time.time() - t1))
 " 2>&1 | tail -25; then echo "build failed"; exit 1; fi
     stamp "selfcheck cuda"
-    timeout 90 $PY -m esparse_kernels.selfcheck --backends cuda --out "$OUT/selfcheck_cuda.json" 2>&1 | tail -12
+    timeout 150 $PY -m esparse_kernels.selfcheck --backends cuda --out "$OUT/selfcheck_cuda.json" 2>&1 | tail -12
     stamp "cuda tests"
     timeout 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda_mma.py 2>&1 | tail -6
     stamp "bench D1 (1 and 16 tokens)"
-    timeout 220 $BENCH --out "$OUT/kernels_h200_d1.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
-        --tokens 1,16 --no-isolate --no-cusparselt --no-triton 2>&1 | grep -v "^  [0-9]"
+    timeout 270 $BENCH --out "$OUT/kernels_h200_d1.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
+        --tokens 1,16 --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_d1.log" | grep -v "^  [0-9]"
     stamp "bench D2 (2, 4, 8 tokens)"
-    timeout 120 $BENCH --out "$OUT/kernels_h200_d2.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
-        --tokens 2,4,8 --no-isolate --no-cusparselt --no-triton 2>&1 | grep -v "^  [0-9]"
+    timeout 180 $BENCH --out "$OUT/kernels_h200_d2.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
+        --tokens 2,4,8 --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_d2.log" | grep -v "^  [0-9]"
     ;;
   E)
     # whole-model profiles with the fused decoder (issue 6): build the CUDA extension, run the fused

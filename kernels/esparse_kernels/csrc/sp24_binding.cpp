@@ -9,7 +9,7 @@ namespace esparse_sp24 {
 cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
                             void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
                             int splits, int warps, int depth, int meta_variant, bool bf16,
-                            const void* xfrag, cudaStream_t stream, size_t* smem_out);
+                            const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out);
 cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
                               cudaStream_t stream);
 int sp24_effective_splits(int k, int splits);
@@ -26,7 +26,7 @@ void check_cuda(const torch::Tensor& t, const char* name) {
 void sp24_mma(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, const torch::Tensor& values,
               const torch::Tensor& meta, torch::Tensor& out, const torch::Tensor& ws,
               const torch::Tensor& counters, int64_t splits, int64_t warps, int64_t depth,
-              int64_t meta_variant, const c10::optional<torch::Tensor>& xfrag) {
+              int64_t meta_variant, const c10::optional<torch::Tensor>& xfrag, bool direct) {
   check_cuda(x, "x");
   check_cuda(values, "values");
   check_cuda(meta, "meta");
@@ -75,12 +75,13 @@ void sp24_mma(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, 
                 "xfrag must be a contiguous buffer of >= T*K elements of the weight dtype");
     xfrag_ptr = xfrag->data_ptr();
   }
+  TORCH_CHECK(!direct || xfrag_ptr != nullptr, "direct B-fragment reads need the staged xfrag buffer");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   cudaError_t err = esparse_sp24::sp24_mma_launch(
       x.data_ptr(), perm_ptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
       out.data_ptr(), ws_ptr, cnt_ptr, (int)n, (int)k, (int)t, (int)x.stride(0), (int)out.stride(0),
-      (int)splits, (int)warps, (int)depth, (int)meta_variant, dtype == at::kBFloat16, xfrag_ptr, stream, nullptr);
+      (int)splits, (int)warps, (int)depth, (int)meta_variant, dtype == at::kBFloat16, xfrag_ptr, direct, stream, nullptr);
   TORCH_CHECK(err == cudaSuccess, "sp24_mma launch failed: ", cudaGetErrorString(err));
 }
 

@@ -20,6 +20,11 @@
 // gather per column and CTA instead of one per kept value, and the weight stream is read once with
 // 16-byte loads. The first weight loads are issued before the staging, so the two overlap.
 //
+// Direct mode (DIRECT, with xfrag only): the B fragments are read from the staged buffer in global
+// memory (L1-cached; every warp of the CTA reads the same slots) right where the MMAs use them,
+// instead of being copied into shared memory first: no copy, no barrier, no shared memory, so
+// split-K is not bounded by the shared-memory size.
+//
 // Split-K. blockIdx.y splits the 64-column chunks; partials go to a fp32 workspace and the last CTA
 // of each row tile (an atomic ticket) sums them in split order, writes the output and resets its
 // counter: one launch, deterministic, no memset, graph-capturable.
@@ -107,7 +112,7 @@ __device__ __forceinline__ uint16_t to_bits(float v, bool bf16) {
   return *reinterpret_cast<uint16_t*>(&h);
 }
 
-template <bool BF16, int NT, int D>
+template <bool BF16, int NT, int D, bool DIRECT>
 __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   extern __shared__ uint4 xs[];  // [chunks][2][T][4] uint4 = B fragments
   __shared__ int s_last;
@@ -157,7 +162,9 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   // e = (k >> 3) * 2 + (k & 1) of that thread's 8 halves. The gathers go in batches of SU columns
   // x ST tokens per thread, all loads of a batch in flight together (a dependent load per column
   // and token would cost one L2 round trip each, which dominated the first version).
-  if (p.xfrag != nullptr) {
+  if constexpr (DIRECT) {
+    // B fragments are read from p.xfrag in the main loop
+  } else if (p.xfrag != nullptr) {
     // x was put in fragment order by sp24_stage_kernel: this split's slice is contiguous
     const uint4* src = p.xfrag + (size_t)c_begin * 2 * T * 4;
     const int slots = nc * 2 * T * 4;
@@ -215,7 +222,7 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
       }
     }
   }
-  __syncthreads();
+  if constexpr (!DIRECT) __syncthreads();
 
   float acc[NT][4];
 #pragma unroll
@@ -225,13 +232,22 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   }
   // B fragment of token t: lanes of tokens >= T read token T-1 instead (column n of the MMA's
   // result depends on column n of B only, and those columns are never stored)
+  const uint4* const bbase = DIRECT ? p.xfrag + (size_t)c_begin * 2 * T * 4 : xs;
   const uint4* xq[NT];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xq[nt] = xs + min(nt * 8 + gid, T - 1) * 4 + tig;
+  for (int nt = 0; nt < NT; ++nt) xq[nt] = bbase + min(nt * 8 + gid, T - 1) * 4 + tig;
   const int slot_t = 4 * T;  // uint4 slots per (chunk, j)
 
   // one chunk: two MMAs (j = 0, 1) per token tile
   auto consume = [&](int c, const uint4& a4, const uint4& b4, const uint2& w0, const uint2& w1) {
+    uint4 bf[2][NT];  // direct mode: all B fragments of the chunk first, so that their loads overlap
+    if constexpr (DIRECT) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) bf[j][nt] = __ldg(xq[nt] + (c * 2 + j) * slot_t);
+      }
+    }
     uint32_t x0, x1, y0, y1;
     meta_bytes(w0, sx, x0, x1);
     meta_bytes(w1, sy, y0, y1);
@@ -244,8 +260,12 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
       const uint32_t a2 = comp(a4, 2 * j + 1), a3 = comp(b4, 2 * j + 1);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint4 b = xq[nt][(c * 2 + j) * slot_t];
-        mma_sp<BF16>(acc[nt], a0, a1, a2, a3, b, e[j]);
+        if constexpr (DIRECT) {
+          mma_sp<BF16>(acc[nt], a0, a1, a2, a3, bf[j][nt], e[j]);
+        } else {
+          const uint4 b = xq[nt][(c * 2 + j) * slot_t];
+          mma_sp<BF16>(acc[nt], a0, a1, a2, a3, b, e[j]);
+        }
       }
     }
   };
@@ -383,9 +403,9 @@ __global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restr
   xfrag[q] = v;
 }
 
-template <bool BF16, int NT, int D>
+template <bool BF16, int NT, int D, bool DIRECT>
 static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  auto kern = sp24_mma_kernel<BF16, NT, D>;
+  auto kern = sp24_mma_kernel<BF16, NT, D, DIRECT>;
   static bool configured = false;  // raise the dynamic shared-memory limit once per instantiation
   if (!configured) {
     int dev = 0, optin = 0;
@@ -400,13 +420,22 @@ static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t sm
   return cudaGetLastError();
 }
 
+template <bool BF16, bool DIRECT>
+static cudaError_t launch_tiles(const Params& p, dim3 grid, int threads, size_t smem, int depth, bool two,
+                                cudaStream_t stream) {
+  if (two) return depth == 8 ? launch_one<BF16, 2, 8, DIRECT>(p, grid, threads, smem, stream)
+                             : launch_one<BF16, 2, 4, DIRECT>(p, grid, threads, smem, stream);
+  return depth == 8 ? launch_one<BF16, 1, 8, DIRECT>(p, grid, threads, smem, stream)
+                    : launch_one<BF16, 1, 4, DIRECT>(p, grid, threads, smem, stream);
+}
+
 // Returns cudaSuccess or the launch error. Requirements (checked by the caller): K % 64 == 0,
 // 1 <= T <= 16, splits >= 1, warps in {1..8}, depth in {4, 8}; ws holds splits*T*N floats and
-// counters ceil(N / (16*warps)) zeroed ints when splits > 1.
+// counters ceil(N / (16*warps)) zeroed ints when splits > 1; `direct` only with xfrag.
 cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
                             void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
                             int splits, int warps, int depth, int meta_variant, bool bf16,
-                            const void* xfrag, cudaStream_t stream, size_t* smem_out) {
+                            const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out) {
   Params p;
   p.xfrag = static_cast<const uint4*>(xfrag);
   p.x = static_cast<const uint16_t*>(x);
@@ -427,20 +456,15 @@ cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals
   p.meta_variant = meta_variant;
   const int tile_rows = 16 * warps;
   dim3 grid((n + tile_rows - 1) / tile_rows, p.splits);
-  const size_t smem = (size_t)p.chunks_per_split * 64 * t * 2;
+  if (direct && xfrag == nullptr) return cudaErrorInvalidValue;
+  const size_t smem = direct ? 0 : (size_t)p.chunks_per_split * 64 * t * 2;
   if (smem_out) *smem_out = smem;
   const int threads = 32 * warps;
   const bool two = t > 8;
-  if (bf16) {
-    if (two) return depth == 8 ? launch_one<true, 2, 8>(p, grid, threads, smem, stream)
-                               : launch_one<true, 2, 4>(p, grid, threads, smem, stream);
-    return depth == 8 ? launch_one<true, 1, 8>(p, grid, threads, smem, stream)
-                      : launch_one<true, 1, 4>(p, grid, threads, smem, stream);
-  }
-  if (two) return depth == 8 ? launch_one<false, 2, 8>(p, grid, threads, smem, stream)
-                             : launch_one<false, 2, 4>(p, grid, threads, smem, stream);
-  return depth == 8 ? launch_one<false, 1, 8>(p, grid, threads, smem, stream)
-                    : launch_one<false, 1, 4>(p, grid, threads, smem, stream);
+  if (bf16) return direct ? launch_tiles<true, true>(p, grid, threads, smem, depth, two, stream)
+                          : launch_tiles<true, false>(p, grid, threads, smem, depth, two, stream);
+  return direct ? launch_tiles<false, true>(p, grid, threads, smem, depth, two, stream)
+                : launch_tiles<false, false>(p, grid, threads, smem, depth, two, stream);
 }
 
 cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
