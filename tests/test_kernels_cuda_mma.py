@@ -72,12 +72,11 @@ def test_candidates_fit_the_device(n, k, tokens):
     assert cands and len(set(cands)) == len(cands)
     for c in cands:
         assert c.supports(tokens) and (c.direct or smem_bytes(k, c.split_k, tokens) <= cs.MAX_SMEM)
-        assert not c.direct or tokens >= 2
         assert effective_splits(k, c.split_k) == c.split_k
         assert -(-n // c.rows_per_cta) * c.split_k <= 6 * 132
     assert cuda_candidates(n, k, 17) == [] and cuda_candidates(n, k + 32, 1) == []
-    if tokens >= 2:  # no shared memory: split-K 1 stays a candidate however long K is
-        assert any(c.direct and c.split_k == 1 for c in cands)
+    # no shared memory: split-K 1 stays a candidate however long K is
+    assert any(c.direct and c.split_k == 1 for c in cands)
 
 
 def test_sparse_linear_with_cuda_plan_on_cpu_uses_reference():

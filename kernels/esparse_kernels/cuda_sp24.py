@@ -224,7 +224,8 @@ def meta_variant() -> int:
 
 def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132) -> list[CudaConfig]:
     """Configurations worth timing: 4 or 8 warps, depth 4 or 8, split-K giving 0.5-6 CTAs per SM, the
-    activations gathered per CTA or staged once by a separate launch (``pre``, from 2 tokens on), and
+    activations gathered per CTA or staged once by a separate launch (``pre``; at 1 token too, where the
+    extra launch can cost more than the per-CTA gather it saves, so the tuner decides), and
     staged fragments copied to shared memory or read from global memory where used (``direct``, which
     needs no shared memory, so its split-K is not bounded by it)."""
     if not (1 <= tokens <= MAX_TOKENS) or in_features % CHUNK:
@@ -242,16 +243,12 @@ def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int
             if ctas > 6 * n_sms or (ctas < n_sms // 2 and eff != chunks and split != 1):
                 continue
             fits_smem = smem_bytes(in_features, split, tokens) <= MAX_SMEM
-            if not fits_smem and tokens < 2:
-                continue
             seen.add(eff)
             for depth in DEPTHS:
                 if fits_smem:
                     out.append(CudaConfig(warps=warps, split_k=eff, depth=depth))
-                    if tokens >= 2:
-                        out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True))
-                if tokens >= 2:
-                    out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True, direct=True))
+                    out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True))
+                out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True, direct=True))
     return out
 
 
