@@ -1,12 +1,14 @@
-"""A/B of the CUDA decode kernel's activation modes from one benchmark run's tuning records.
+"""A/B of the CUDA decode kernel's configuration families from one benchmark run's tuning records.
 
 Every candidate configuration the tuner timed is in `<csv>.tuning.jsonl`. On the same machine and
-in the same run, this takes per (shape, tokens) the best configuration of each set of modes, each
-against the dense baseline timed there:
+in the same run, this takes per (shape, tokens) the best configuration of each set of families,
+each against the dense baseline timed there. `--by mode` (activation modes):
 
 - `gather`: activations gathered by every CTA into shared memory (no extra launch);
 - `+pre`: also x[:, perm] staged once by a second launch and copied to shared memory per CTA;
 - `+direct`: also the staged fragments read from global memory where the MMAs use them.
+
+`--by warps`: `w4-8` (CTAs of 4 or 8 warps) against `+w1-2` (also 1 and 2 warps).
 
     python kernels/gpu/mode_ab.py reports/gpu/h100/kernels_h100_d5.tuning.jsonl.gz
 """
@@ -19,7 +21,10 @@ import gzip
 import json
 import statistics
 
-MODE_SETS = {"gather": {"gather"}, "+pre": {"gather", "pre"}, "+direct": {"gather", "pre", "direct"}}
+FAMILY_SETS = {
+    "mode": {"gather": {"gather"}, "+pre": {"gather", "pre"}, "+direct": {"gather", "pre", "direct"}},
+    "warps": {"w4-8": {"w4", "w8"}, "+w1-2": {"w1", "w2", "w4", "w8"}},
+}
 
 
 def read_records(paths: list[str]) -> list[dict]:
@@ -31,14 +36,16 @@ def read_records(paths: list[str]) -> list[dict]:
     return records
 
 
-def config_mode(config: dict) -> str:
+def config_family(config: dict, by: str) -> str:
+    if by == "warps":
+        return f"w{config.get('warps', 4)}"
     if config.get("direct"):
         return "direct"
     return "pre" if config.get("pre") else "gather"
 
 
-def best_times(records: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
-    """Per (shape, tokens): the dense median and the best median of each mode set."""
+def best_times(records: list[dict], by: str = "mode") -> dict[tuple[str, int], dict[str, float]]:
+    """Per (shape, tokens): the dense median and the best median of each family set."""
     best: dict[tuple[str, int], dict[str, float]] = collections.defaultdict(dict)
     for record in records:
         key = (record["shape"], record["tokens"])
@@ -48,9 +55,9 @@ def best_times(records: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
         if record["backend"] == "dense":
             best[key]["dense"] = median
         elif record["backend"] == "ours_cuda":
-            mode = config_mode(record["config"])
-            for name, modes in MODE_SETS.items():
-                if mode in modes:
+            family = config_family(record["config"], by)
+            for name, families in FAMILY_SETS[by].items():
+                if family in families:
                     best[key][name] = min(best[key].get(name, float("inf")), median)
     return best
 
@@ -58,14 +65,15 @@ def best_times(records: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tuning", nargs="+", help="tuning .jsonl (or .jsonl.gz) files of one run")
+    parser.add_argument("--by", choices=sorted(FAMILY_SETS), default="mode", help="families to compare")
     args = parser.parse_args()
-    best = best_times(read_records(args.tuning))
+    best = best_times(read_records(args.tuning), args.by)
     by_tokens = collections.defaultdict(lambda: collections.defaultdict(list))
     for (shape, tokens), times in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])):
         if "dense" not in times:
             continue
         cells = []
-        for name in MODE_SETS:
+        for name in FAMILY_SETS[args.by]:
             if name in times:
                 ratio = times["dense"] / times[name]
                 by_tokens[tokens][name].append(ratio)
