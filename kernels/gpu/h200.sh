@@ -5,7 +5,8 @@
 # B: benchmark of llama-30b + llama-65b shapes, then the exactness self-check.
 # C: decode buckets (1, 16) of the LLaMA shapes without cuSPARSELt (what the remaining budget allowed).
 # D: the CUDA decode kernel (cuda_sp24): build the extension, its self-check and CUDA tests, then the
-#    decode buckets 1-16 of the LLaMA shapes, dense cuBLAS vs the CUDA kernel (Triton left out: its
+#    decode buckets 1-16 of the LLaMA shapes (1 and 16 only with D_ONLY_1_16=1), dense cuBLAS vs the
+#    CUDA kernel (Triton left out: its
 #    numbers are run C's). Run once per kernel version (D1-D4, docs/PERFORMANCE.md);
 #    reports/gpu/kernels_h200.csv = D3's kernels_h200_d1.csv + kernels_h200_d2.csv rows (run=D3)
 #    + run C's Triton rows (backends ours, ours_noperm; run=C).
@@ -76,9 +77,11 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     stamp "bench D1 (1 and 16 tokens)"
     timeout 270 $BENCH --out "$OUT/kernels_h200_d1.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
         --tokens 1,16 --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_d1.log" | grep -v "^  [0-9]"
+    if [ -n "${D_ONLY_1_16:-}" ]; then stamp "bench D2 left out (D_ONLY_1_16)"; else
     stamp "bench D2 (2, 4, 8 tokens)"
     timeout 180 $BENCH --out "$OUT/kernels_h200_d2.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
         --tokens 2,4,8 --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_d2.log" | grep -v "^  [0-9]"
+    fi
     ;;
   E)
     # whole-model profiles with the fused decoder (issue 6): build the CUDA extension, run the fused
