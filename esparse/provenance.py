@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "transformers", "lm_eval", "snakemake", "datasets", "safetensors", "triton", "esparse-bench")
+PACKAGES = ("torch", "transformers", "lm_eval", "snakemake", "datasets", "safetensors", "triton", "numba", "esparse-bench")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

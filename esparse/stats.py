@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esparse import cpu_kernels
+
 NEED_NORM = "norm"
 NEED_ENTROPY = "entropy"
 NEED_HESSIAN = "hessian"
@@ -65,6 +67,9 @@ _HISTOGRAM_CHUNK_ELEMENTS_OTHER = 1 << 25
 _PENDING_PER_BIN = 4
 _PENDING_MIN_ELEMENTS = 1 << 22
 _PENDING_MAX_ELEMENTS = 1 << 25  # 128 MiB of int32 indices
+# The compiled CPU path may hold batches that will not change (the driver's replay) and count them
+# together: at most this many values per call, so a layer's few calls cost little to hand to threads.
+_HELD_BATCHES_MAX_ELEMENTS = 1 << 26
 
 
 class ScratchPool:
@@ -104,6 +109,13 @@ def histogram_scratch_elements(channels: int, device: torch.device) -> int:
     return _histogram_chunk_rows(channels, device) * channels
 
 
+def safe_bin_width(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """Bin width (hi - lo) / K per channel, infinite for a constant channel (w = 0): x - lo = 0
+    there, and 0 / inf sends every value to bin 0."""
+    width = (hi - lo) / bins
+    return torch.where(width > 0, width, torch.full_like(width, float("inf")))
+
+
 def channel_bin_index(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int,
                       out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Flat bin index `j * K + k` of every value of `x` (tokens x channels), 1-D of `bin_index_dtype`,
@@ -117,9 +129,7 @@ def channel_bin_index(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins:
     """
     channels = x.shape[-1]
     flat = x.reshape(-1, channels)
-    width = (hi - lo) / bins
-    # An infinite width sends every value of a constant channel (x - lo = 0) to bin 0.
-    safe_width = torch.where(width > 0, width, torch.full_like(width, float("inf")))
+    safe_width = safe_bin_width(lo, hi, bins)
     index_dtype = bin_index_dtype(channels, bins)
     offset = torch.arange(channels, device=x.device, dtype=index_dtype) * bins
     if out is None:
@@ -180,6 +190,12 @@ class StatsAccumulator:
         self._position_scratch: torch.Tensor | None = None  # likewise
         self._scratch = scratch if scratch is not None else ScratchPool()
         self._pending_elements = 0
+        # CPU with numba: one row of counts per thread, summed in finalize (esparse.cpu_kernels)
+        self._compiled = self.device.type == "cpu" and cpu_kernels.AVAILABLE
+        self._thread_counts: torch.Tensor | None = None
+        self._safe_width: torch.Tensor | None = None
+        self._held_batches: list[torch.Tensor] = []
+        self._held_elements = 0
         self._pending_limit = min(max(_PENDING_PER_BIN * in_features * max(bins, 1), _PENDING_MIN_ELEMENTS),
                                   _PENDING_MAX_ELEMENTS)
 
@@ -200,8 +216,13 @@ class StatsAccumulator:
         torch.maximum(self.hi, flat.amax(dim=0).to(torch.float64), out=self.hi)
         self._range_tokens += flat.shape[0]
 
-    def observe(self, x: torch.Tensor, sequences: int) -> None:
-        """Main pass: summed squares, histogram over the fixed range, and the Hessian X^T X."""
+    def observe(self, x: torch.Tensor, sequences: int, unchanged_until_finalize: bool = False) -> None:
+        """Main pass: summed squares, histogram over the fixed range, and the Hessian X^T X.
+
+        unchanged_until_finalize: the caller guarantees that `x` is not written to before `finalize`
+        (the driver's replay of held block inputs), so the compiled CPU path may hold it and count it
+        later together with other batches; otherwise it is counted now.
+        """
         flat = self._flatten(x)
         self.ntokens += flat.shape[0]
         self.nsequences += sequences
@@ -215,11 +236,34 @@ class StatsAccumulator:
                     raise ValueError(f"calibration inputs of {int((~finite).sum())} of {self.in_features} channels "
                                      "contain NaN or infinite values; the entropy histogram needs finite inputs")
                 self._range_is_finite = True
-            self._add_to_histogram(flat)
+            if self._compiled:
+                self._add_compiled(flat, unchanged_until_finalize)
+            else:
+                self._add_to_histogram(flat)
         if self.hessian is not None:
             # One float32 GEMM per batch, summed in float64 across batches.
             as32 = flat.to(torch.float32)
             self.hessian += (as32.T @ as32).to(torch.float64)
+
+    def _add_compiled(self, flat: torch.Tensor, may_hold: bool) -> None:
+        """Count the batch now, or (`may_hold`) hold it, a reference without a copy, and count the
+        held batches together once they reach the limit (esparse.cpu_kernels.count_into says why)."""
+        if self._thread_counts is None:
+            self._thread_counts = torch.zeros(max(1, torch.get_num_threads()), self.hist.numel(), dtype=torch.int64)
+            self._safe_width = safe_bin_width(self.lo, self.hi, self.bins)
+        if not may_hold:
+            cpu_kernels.count_into(self._thread_counts, [flat], self.lo, self._safe_width, self.bins)
+            return
+        if self._held_elements + flat.numel() > _HELD_BATCHES_MAX_ELEMENTS:
+            self._count_held_batches()
+        self._held_batches.append(flat)
+        self._held_elements += flat.numel()
+
+    def _count_held_batches(self) -> None:
+        if self._held_batches:
+            cpu_kernels.count_into(self._thread_counts, self._held_batches, self.lo, self._safe_width, self.bins)
+        self._held_batches = []
+        self._held_elements = 0
 
     def _add_to_histogram(self, flat: torch.Tensor) -> None:
         """Bin the batch's values into the pending index buffer; count the buffer once it is full."""
@@ -249,6 +293,10 @@ class StatsAccumulator:
 
     def finalize(self) -> LayerStats:
         self._count_pending_bins()
+        self._count_held_batches()
+        if self._thread_counts is not None:
+            self.hist += self._thread_counts.sum(dim=0).reshape(self.hist.shape)
+            self._thread_counts = None
         if self._pending_bins is not None:
             self._scratch.give(self._pending_bins)
             self._scratch.give(self._position_scratch)

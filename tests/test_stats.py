@@ -10,6 +10,14 @@ from esparse.stats import (LayerStats, ScratchPool, StatsAccumulator, channel_bi
                            histogram_scratch_elements)
 
 
+@pytest.fixture
+def torch_histogram_path(monkeypatch):
+    """The torch bin-index + bincount path (the GPU's), which a CPU with numba would not take."""
+    import esparse.cpu_kernels
+
+    monkeypatch.setattr(esparse.cpu_kernels, "AVAILABLE", False)
+
+
 def brute_entropy(x: torch.Tensor, bins: int) -> torch.Tensor:
     """One channel at a time with torch.histc over the channel's exact range."""
     out = []
@@ -118,7 +126,7 @@ def test_chunked_histogram_equals_per_channel_histc_and_leaves_the_input_alone()
 
 
 @pytest.mark.parametrize("limit", [1, 50, 130, 10_000])
-def test_pooled_bin_indices_count_like_one_histogram(monkeypatch, limit):
+def test_pooled_bin_indices_count_like_one_histogram(monkeypatch, torch_histogram_path, limit):
     """Indices pooled across batches and counted when the buffer fills (or a batch exceeds it) give
     the histogram of all the data at once."""
     import esparse.stats as stats_module
@@ -151,7 +159,7 @@ def test_scratch_pool_hands_back_the_smallest_fitting_buffer_of_the_dtype():
     assert fresh is not small and fresh is not large
 
 
-def test_accumulators_sharing_a_pool_reuse_its_buffers_and_count_the_same():
+def test_accumulators_sharing_a_pool_reuse_its_buffers_and_count_the_same(torch_histogram_path):
     """Garbage left in a reused buffer by one layer must not leak into the next layer's histogram."""
     g = torch.Generator().manual_seed(9)
     layers = [[torch.randn(2, 5, width, generator=g) * 3 for _ in range(3)] for width in (8, 8, 4, 8)]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import cpu_kernels
 from ..models import find_decoder_blocks, find_linears
 from ..placement import BlockPlacement, to_device
 from ..stats import ScratchPool, StatsAccumulator
@@ -202,7 +203,8 @@ def _accumulate_statistics(block, linears, accumulators: dict[str, StatsAccumula
         return
     for leader, acc in accumulators.items():
         for batch, _ in cache.pop(leader):
-            acc.observe(batch, sequences=batch.shape[0])
+            # held since the range pass and checked unwritten above: nothing writes them before finalize
+            acc.observe(batch, sequences=batch.shape[0], unchanged_until_finalize=True)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -332,6 +334,8 @@ def prune_model(model: nn.Module, method: PruningMethod, pattern: SparsityPatter
                                               for d in placement.devices})),
         "device": ",".join(peaks),
         "calibration_used": uses_calibration,
+        # what computed the statistics and shuffles on CPU devices: it moves the pruning time, not the masks
+        "cpu_kernels": cpu_kernels.describe(),
     }
     if placed:
         outcome.summary["peak_memory_bytes_by_device"] = peaks

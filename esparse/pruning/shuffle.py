@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from esparse import cpu_kernels
 from esparse.pruning.masks import check_permutation, descending_values
 
 SHUFFLE_MODES = ("none", "global", "global+local")
@@ -81,6 +82,8 @@ def nm_kept_score(score: torch.Tensor, n: int, m: int, perm: torch.Tensor | None
     rows, cols = score.shape
     if cols % m != 0:
         raise ValueError(f"M = {m} does not divide the width {cols}")
+    if score.device.type == "cpu" and cpu_kernels.AVAILABLE:
+        return cpu_kernels.nm_kept_score(score, n, m, perm)
     ordered = score if perm is None else score[:, perm.to(score.device).long()]
     grouped = ordered.to(torch.float64).reshape(rows, cols // m, m)
     return float(_group_top_sum(grouped, n).sum())
@@ -105,6 +108,14 @@ def global_naive_shuffle(score: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gain of every swap in every block: compiled on a CPU with numba, else `_block_swap_gains_torch`
+    (the same numbers: every sum is an exact integer)."""
+    if values.device.type == "cpu" and cpu_kernels.AVAILABLE:
+        return cpu_kernels.block_swap_gains(values, n, m)
+    return _block_swap_gains_torch(values, n, m)
+
+
+def _block_swap_gains_torch(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gain of swapping positions a, b (a's group < b's group) in every block (module docstring).
 
     values: [K, R, B] block scores in the current order, integer-valued. Returns gain [K, B, B]
