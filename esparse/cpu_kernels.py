@@ -143,66 +143,160 @@ def count_into(counts: torch.Tensor, batches: list[torch.Tensor], lo: torch.Tens
 if AVAILABLE:
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _top_values(row, start, m, top):  # pragma: no cover - compiled
+        """The len(top) largest of row[start:start + m], largest first, by compare-exchange (no
+        data-dependent branches: which values win is a coin flip per value)."""
+        top[:] = -np.inf
+        for j in range(start, start + m):
+            value = row[j]
+            for q in range(top.shape[0]):
+                larger = max(top[q], value)
+                value = min(top[q], value)
+                top[q] = larger
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _one_block_gains(block, n, m, gain, group_kept, above, kept_gain, loss, nth, next_after, kept_list,
+                         top):  # pragma: no cover - compiled
+        """gain [B, B] and group_kept [G] of one block [R, B]; the rest are scratch arrays."""
+        rows, width = block.shape
+        groups = width // m
+        above[:] = 0.0  # sum_i relu(s_ib - nth_gi)
+        kept_gain[:] = 0.0  # sum_i kept_ai * relu(min(s_ib, nth_gi) - next_gi)
+        loss[:] = 0.0
+        group_kept[:] = 0.0
+        for i in range(rows):
+            row = block[i]
+            kept_count = 0
+            for g in range(groups):
+                _top_values(row, g * m, m, top)
+                kept_sum = 0.0
+                for j in range(n):
+                    kept_sum += top[j]
+                group_kept[g] += kept_sum
+                nth[g] = top[n - 1]
+                next_after[g] = top[n]
+                for j in range(m):
+                    a = g * m + j
+                    # kept (above next): loss next - s < 0; otherwise next - s >= 0 and no loss
+                    loss[a] += min(next_after[g] - row[a], 0.0)
+                    kept_list[kept_count] = a  # compacted by index arithmetic, not a branch
+                    kept_count += np.int64(row[a] > next_after[g])
+            for g in range(groups):
+                threshold = nth[g]
+                for b in range(width):
+                    above[g, b] += max(row[b] - threshold, 0.0)
+            for t in range(kept_count):
+                a = kept_list[t]
+                g = a // m
+                high, low = nth[g], next_after[g]
+                for b in range(width):
+                    kept_gain[a, b] += max(min(row[b], high) - low, 0.0)
+        for a in range(width):
+            group_a = a // m
+            for b in range(width):
+                group_b = b // m
+                if group_a >= group_b:
+                    gain[a, b] = -np.inf
+                else:
+                    gain[a, b] = (loss[a] + loss[b]) + (above[group_a, b] + kept_gain[a, b]) \
+                        + (above[group_b, a] + kept_gain[b, a])
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _gain_scratch(rows, width, n, m):  # pragma: no cover - compiled
+        groups = width // m
+        return (np.empty((groups, width), np.float64), np.empty((width, width), np.float64),
+                np.empty(width, np.float64), np.empty(groups, np.float64), np.empty(groups, np.float64),
+                np.empty(width, np.int64), np.empty(n + 1, np.float64))
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _swap_gains_blocks(values, n, m, first, last, gain, group_kept):  # pragma: no cover - compiled
-        # Branch-free where the data decides (which values are kept is a coin flip per value): the
-        # top values by compare-exchange, the kept channels compacted into a list by index arithmetic.
+        _, rows, width = values.shape
+        above, kept_gain, loss, nth, next_after, kept_list, top = _gain_scratch(rows, width, n, m)
+        for k in range(first, last):
+            _one_block_gains(values[k], n, m, gain[k], group_kept[k], above, kept_gain, loss, nth, next_after,
+                             kept_list, top)
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _local_search_blocks(values, n, m, max_passes, rel_tol, screen_rel_tol, first, last, order, passes_run,
+                             swaps, gains):  # pragma: no cover - compiled
+        """`esparse.pruning.shuffle._local_search` block by block (its docstring and code say what a
+        pass does); blocks are independent, so each runs its own passes to the same decisions."""
         _, rows, width = values.shape
         groups = width // m
-        above = np.empty((groups, width), np.float64)  # sum_i relu(s_ib - nth_gi)
-        kept_gain = np.empty((width, width), np.float64)  # sum_i kept_ai * relu(min(s_ib, nth_gi) - next_gi)
-        loss = np.empty(width, np.float64)
-        nth = np.empty(groups, np.float64)
-        next_after = np.empty(groups, np.float64)
-        kept_list = np.empty(width, np.int64)
-        top = np.empty(n + 1, np.float64)
+        above, kept_gain, loss, nth, next_after, kept_list, top = _gain_scratch(rows, width, n, m)
+        gain = np.empty((width, width), np.float64)
+        group_kept = np.empty(groups, np.float64)
+        ordered = np.empty((rows, width), np.float64)
+        pair = np.empty(2 * m, np.float64)
+        top_n = np.empty(n, np.float64)
         for k in range(first, last):
-            above[:] = 0.0
-            kept_gain[:] = 0.0
-            loss[:] = 0.0
-            group_kept[k, :] = 0.0
-            for i in range(rows):
-                row = values[k, i]
-                kept_count = 0
+            for position in range(width):
+                order[k, position] = position
+            passes_run[k] = 0
+            swaps[k] = 0
+            gains[k] = 0.0
+            for _ in range(max_passes):
+                # the block's values in its order at the start of this pass: a swap masks both its
+                # groups for the rest of the pass, so every later candidate reads groups still in it
+                for i in range(rows):
+                    for position in range(width):
+                        ordered[i, position] = values[k, i, order[k, position]]
+                _one_block_gains(ordered, n, m, gain, group_kept, above, kept_gain, loss, nth, next_after,
+                                 kept_list, top)
+                total = 0.0
                 for g in range(groups):
-                    # the n + 1 largest of the group, largest first: each value sinks through the list
-                    top[:] = -np.inf
-                    for j in range(m):
-                        value = row[g * m + j]
-                        for q in range(n + 1):
-                            larger = max(top[q], value)
-                            value = min(top[q], value)
-                            top[q] = larger
-                    kept_sum = 0.0
-                    for j in range(n):
-                        kept_sum += top[j]
-                    group_kept[k, g] += kept_sum
-                    nth[g] = top[n - 1]
-                    next_after[g] = top[n]
-                    for j in range(m):
-                        a = g * m + j
-                        # kept (above next): loss next - s < 0; otherwise next - s >= 0 and no loss
-                        loss[a] += min(next_after[g] - row[a], 0.0)
-                        kept_list[kept_count] = a
-                        kept_count += np.int64(row[a] > next_after[g])
-                for g in range(groups):
-                    threshold = nth[g]
-                    for b in range(width):
-                        above[g, b] += max(row[b] - threshold, 0.0)
-                for t in range(kept_count):
-                    a = kept_list[t]
-                    g = a // m
-                    high, low = nth[g], next_after[g]
-                    for b in range(width):
-                        kept_gain[a, b] += max(min(row[b], high) - low, 0.0)
-            for a in range(width):
-                group_a = a // m
-                for b in range(width):
-                    group_b = b // m
-                    if group_a >= group_b:
-                        gain[k, a, b] = -np.inf
-                    else:
-                        gain[k, a, b] = (loss[a] + loss[b]) + (above[group_a, b] + kept_gain[a, b]) \
-                            + (above[group_b, a] + kept_gain[b, a])
+                    total += group_kept[g]
+                screen_tolerance = screen_rel_tol * abs(total)
+                passes_run[k] += 1
+                applied = 0
+                for _step in range(groups):  # at most one swap per step
+                    best = -np.inf
+                    best_a = 0
+                    best_b = 0
+                    for a in range(width):  # the first maximum in row-major order, as torch.max
+                        for b in range(width):
+                            if gain[a, b] > best:
+                                best = gain[a, b]
+                                best_a = a
+                                best_b = b
+                    if not best > screen_tolerance:
+                        break
+                    group_a, group_b = best_a // m, best_b // m
+                    # exact re-check of the swap on its two groups
+                    before = group_kept[group_a] + group_kept[group_b]
+                    after_a = 0.0
+                    after_b = 0.0
+                    for i in range(rows):
+                        for j in range(m):
+                            pair[j] = ordered[i, group_a * m + j]
+                            pair[m + j] = ordered[i, group_b * m + j]
+                        slot_a, slot_b = best_a % m, m + best_b % m
+                        pair[slot_a], pair[slot_b] = pair[slot_b], pair[slot_a]
+                        _top_values(pair, 0, m, top_n)
+                        for q in range(n):
+                            after_a += top_n[q]
+                        _top_values(pair, m, m, top_n)
+                        for q in range(n):
+                            after_b += top_n[q]
+                    after = after_a + after_b
+                    if not (after - before) > rel_tol * abs(before):
+                        gain[best_a, best_b] = -np.inf
+                        continue
+                    gains[k] += after - before
+                    group_kept[group_a] = after_a
+                    group_kept[group_b] = after_b
+                    moved = order[k, best_a]
+                    order[k, best_a] = order[k, best_b]
+                    order[k, best_b] = moved
+                    applied += 1
+                    for a in range(width):  # both groups leave the candidates for this pass
+                        touched_a = a // m == group_a or a // m == group_b
+                        for b in range(width):
+                            if touched_a or b // m == group_a or b // m == group_b:
+                                gain[a, b] = -np.inf
+                swaps[k] += applied
+                if applied == 0:
+                    break
 
 
 def block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,6 +324,41 @@ def block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor
     for job in jobs:
         job.result()
     return torch.from_numpy(gain), torch.from_numpy(group_kept)
+
+
+def local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol: float,
+                 screen_rel_tol: float) -> tuple[torch.Tensor, int, int, float]:
+    """`esparse.pruning.shuffle._local_search` on the CPU, blocks split over torch's thread count:
+    the same order, passes, swaps and gain (all decisions are on exact integer sums, and ties go to
+    the first maximum in row-major order, as torch.max's do)."""
+    if not AVAILABLE:
+        raise RuntimeError("esparse.cpu_kernels needs numba; install it (envs/requirements-cpu.txt)")
+    if values.dtype != torch.float64 or values.device.type != "cpu" or values.dim() != 3:
+        raise ValueError(f"values must be a float64 [K, R, B] CPU tensor, got {values.dtype} {tuple(values.shape)} "
+                         f"on {values.device}")
+    blocks, rows, width = values.shape
+    if width % m != 0 or not 1 <= n < m:
+        raise ValueError(f"need 1 <= n < m and m dividing the block width {width}, got n={n}, m={m}")
+    array = values.contiguous().numpy()
+    order = np.empty((blocks, width), np.int64)
+    passes_run = np.zeros(blocks, np.int64)
+    swaps = np.zeros(blocks, np.int64)
+    gains = np.zeros(blocks, np.float64)
+    if width // m < 2 or max_passes == 0:
+        return torch.arange(width).repeat(blocks, 1), 0, 0, 0.0
+    threads = max(1, min(torch.get_num_threads(), blocks, blocks * rows * width // _MIN_VALUES_PER_THREAD))
+    bounds = [blocks * t // threads for t in range(threads + 1)]
+    arguments = (array, n, m, max_passes, rel_tol, screen_rel_tol)
+    results = (order, passes_run, swaps, gains)
+    jobs = [_pool(threads).submit(_local_search_blocks, *arguments, bounds[t], bounds[t + 1], *results)
+            for t in range(1, threads)]
+    _local_search_blocks(*arguments, bounds[0], bounds[1], *results)
+    for job in jobs:
+        job.result()
+    total_gain = 0.0
+    for value in gains.tolist():  # in block order (integer-valued: exact in any order anyway)
+        total_gain += value
+    return torch.from_numpy(order), int(passes_run.max()), int(swaps.sum()), total_gain
 
 
 # ---- channel shuffle: N:M kept score --------------------------------------------------------------

@@ -114,10 +114,26 @@ def _integer_blocks(seed: int, blocks: int, rows: int, width: int, ties: bool) -
 def test_swap_gains_equal_the_torch_path_bit_for_bit(nm, seed, blocks, rows, groups, ties):
     n, m = nm
     values = _integer_blocks(seed, blocks, rows, groups * m, ties)
-    gain_torch, kept_torch = shuffle._block_swap_gains_torch(values, n, m)
+    gain_torch, kept_torch = shuffle._block_swap_gains(values, n, m)
     gain_numba, kept_numba = cpu_kernels.block_swap_gains(values, n, m)
     assert torch.equal(gain_numba, gain_torch)
     assert torch.equal(kept_numba, kept_torch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)]), seed=st.integers(0, 10_000),
+       blocks=st.integers(1, 5), rows=st.integers(1, 30), groups=st.integers(2, 6), ties=st.booleans(),
+       passes=st.integers(0, 4))
+def test_local_search_makes_the_torch_paths_decisions(nm, seed, blocks, rows, groups, ties, passes):
+    """Order, passes, swaps and gain, on integer scores with and without many exact ties."""
+    n, m = nm
+    values = _integer_blocks(seed, blocks, rows, groups * m, ties)
+    compiled = cpu_kernels.local_search(values, n, m, passes, 1e-12, shuffle._SCREEN_REL_TOL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "AVAILABLE", False)
+        reference = shuffle._local_search(values, n, m, passes, 1e-12)
+    assert torch.equal(compiled[0], reference[0])
+    assert compiled[1:] == reference[1:]
 
 
 def test_swap_gain_argument_errors():

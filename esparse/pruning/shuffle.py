@@ -108,14 +108,6 @@ def global_naive_shuffle(score: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gain of every swap in every block: compiled on a CPU with numba, else `_block_swap_gains_torch`
-    (the same numbers: every sum is an exact integer)."""
-    if values.device.type == "cpu" and cpu_kernels.AVAILABLE:
-        return cpu_kernels.block_swap_gains(values, n, m)
-    return _block_swap_gains_torch(values, n, m)
-
-
-def _block_swap_gains_torch(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gain of swapping positions a, b (a's group < b's group) in every block (module docstring).
 
     values: [K, R, B] block scores in the current order, integer-valued. Returns gain [K, B, B]
@@ -161,12 +153,15 @@ def _block_swap_gains_torch(values: torch.Tensor, n: int, m: int) -> tuple[torch
 
 
 def _local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol: float) -> tuple[torch.Tensor, int, int, float]:
-    """Local search inside K equal blocks at once.
+    """Local search inside K equal blocks at once: compiled on a CPU with numba
+    (`esparse.cpu_kernels.local_search`, the same decisions block by block), else with torch.
 
     values: float64 [K, R, B], integer-valued: the score of each block, block-local column b at b.
     Returns order [K, B] (block-local column at each position), passes run, swaps applied and the
     total exact gain of the applied swaps (an integer, as the values are).
     """
+    if values.device.type == "cpu" and cpu_kernels.AVAILABLE:
+        return cpu_kernels.local_search(values, n, m, max_passes, rel_tol, _SCREEN_REL_TOL)
     blocks, rows, width = values.shape
     device = values.device
     groups = width // m
