@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_kernels
 from .errors import ConfigError
 from .io import sha256_tensor, write_json
 
@@ -96,7 +97,7 @@ def run_prune_benchmark(model_dir: str, calibration: str, patterns: list[str], r
         "repeats": repeats,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"machine": platform.machine(), "processor": platform.processor(), "cpus": _cpu_count()},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), "cpu_kernels": cpu_kernels.describe()},
         "summary": summary,
         "runs": rows,
     }
