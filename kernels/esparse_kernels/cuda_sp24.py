@@ -222,9 +222,14 @@ def meta_variant() -> int:
     raise ConfigError(_EXT_ERROR)
 
 
+# Small row tiles give a layer enough CTAs without split-K (and its reduction); large ones reuse
+# each CTA's staged activations over more rows.
+CANDIDATE_WARPS = (1, 2, 4, 8)
+
+
 def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132) -> list[CudaConfig]:
-    """Configurations worth timing: 4 or 8 warps, depth 4 or 8, split-K giving 0.5-6 CTAs per SM, the
-    activations gathered per CTA or staged once by a separate launch (``pre``; at 1 token too, where the
+    """Configurations worth timing: 1, 2, 4 or 8 warps (16 rows each), depth 4 or 8, split-K giving
+    0.5-6 CTAs per SM, the activations gathered per CTA or staged once by a separate launch (``pre``; at 1 token too, where the
     extra launch can cost more than the per-CTA gather it saves, so the tuner decides), and
     staged fragments copied to shared memory or read from global memory where used (``direct``, which
     needs no shared memory, so its split-K is not bounded by it)."""
@@ -232,7 +237,7 @@ def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int
         return []
     chunks = in_features // CHUNK
     out: list[CudaConfig] = []
-    for warps in (4, 8):
+    for warps in CANDIDATE_WARPS:
         tiles = -(-out_features // (16 * warps))
         seen = set()
         for split in (1, 2, 3, 4, 6, 8, 12, 16):

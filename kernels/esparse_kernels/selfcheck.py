@@ -96,7 +96,8 @@ def cuda_cases(dtype: torch.dtype):
     shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
     configs = [CudaConfig(4, 1, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(4, 3, 4), CudaConfig(2, 16, 8),
                CudaConfig(8, 2, 4, pre=True), CudaConfig(8, 1, 8, pre=True, direct=True),
-               CudaConfig(4, 6, 4, pre=True, direct=True)]
+               CudaConfig(4, 6, 4, pre=True, direct=True), CudaConfig(1, 2, 8, pre=True),
+               CudaConfig(2, 1, 4, pre=True, direct=True), CudaConfig(1, 1, 4)]
     if dtype != torch.float16:
         configs = [configs[0], configs[1], configs[5]]
     tokens = [1, 2, 3, 7, 8, 9, 15, 16]

@@ -6,7 +6,7 @@
 # C: decode buckets (1, 16) of the LLaMA shapes without cuSPARSELt (what the remaining budget allowed).
 # D: the CUDA decode kernel (cuda_sp24): build the extension, its self-check and CUDA tests, then the
 #    decode buckets 1-16 of the LLaMA shapes (1 and 16 only with D_ONLY_1_16=1), dense cuBLAS vs the
-#    CUDA kernel (Triton left out: its numbers are run C's). Run once per kernel version (D1-D5,
+#    CUDA kernel (Triton left out: its numbers are run C's). Run once per kernel version (D1-D6,
 #    docs/PERFORMANCE.md);
 #    reports/gpu/kernels_h200.csv = D3's kernels_h200_d1.csv + kernels_h200_d2.csv rows (run=D3)
 #    + run C's Triton rows (backends ours, ours_noperm; run=C).
