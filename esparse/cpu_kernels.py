@@ -1,9 +1,10 @@
-"""CPU kernels compiled with numba: per-channel histograms and the channel shuffle's swap gains.
+"""CPU kernels compiled with numba: per-channel histograms, and the channel shuffle's local search
+and N:M kept scores.
 
-Both replace chains of eager torch operations whose every step is a pass over a large temporary;
+They replace chains of eager torch operations whose every step is a pass over a large temporary;
 on the 2-core CPU this suite is checked on, those passes were most of E-Sparse's extra time over
-Wanda's. Both give exactly the torch path's results, which remains the path on GPUs and where
-numba is missing (tests compare the two).
+Wanda's. They give the torch paths' results exactly (the reported float kept scores up to the order
+of their sums), and the torch paths remain for GPUs and where numba is missing (tests compare them).
 
 ## Histograms
 
@@ -45,11 +46,14 @@ def describe() -> str:
 _MIN_VALUES_PER_THREAD = 1 << 16
 
 # The quotient (x - lo) / w is first estimated as (x - lo) * (1 / w), which vectorises (a float64
-# division costs several times a multiply). Both are within 2 ulp of the exact quotient, far below
-# this margin for any bin number below 2^30, so wherever the estimate is farther than the margin from
-# an integer its floor is the floor of the correctly rounded division; the few values within the
-# margin (and every value of a constant channel, where 1 / w = 0) are divided exactly.
+# division costs several times a multiply). Estimate and correctly rounded quotient q differ by at
+# most 1.5 * 2^-52 * q, under 4e-10 for q up to MAX_BINS, below this margin; so wherever the
+# estimate is farther than the margin from an integer, its floor is the floor of the division. The
+# few values within the margin, and any estimate that is not finite (a constant channel, where
+# 1 / w = 0, or a width too small for its reciprocal), are divided exactly. Beyond [0, MAX_BINS]
+# both are clamped to the same edge bin.
 _NEAR_INTEGER = 1e-9
+MAX_BINS = 1 << 20
 
 if AVAILABLE:
 
@@ -58,16 +62,17 @@ if AVAILABLE:
         rows, channels = x.shape
         top = np.float64(bins - 1)
         index = np.empty(channels, np.int64)
-        near = np.empty(channels, np.bool_)
+        safe = np.empty(channels, np.bool_)
         for t in range(rows):
             for c in range(channels):  # vectorised: estimate, floor, clamp
                 estimate = (np.float64(x[t, c]) - lo[c]) * inverse[c]
                 below = np.floor(estimate)
-                near[c] = (estimate - below < _NEAR_INTEGER) | (below + 1.0 - estimate < _NEAR_INTEGER)
-                index[c] = np.int64(min(max(below, 0.0), top))
+                # False for NaN and infinite estimates too (their comparisons are False)
+                safe[c] = (estimate - below >= _NEAR_INTEGER) & (below + 1.0 - estimate >= _NEAR_INTEGER)
+                index[c] = np.int64(min(max(below, 0.0), top)) if safe[c] else 0
             for c in range(channels):  # scattered increments; the exact division where the estimate is unsafe
                 k = index[c]
-                if near[c]:
+                if not safe[c]:
                     k = np.int64(min(max((np.float64(x[t, c]) - lo[c]) / width[c], 0.0), top))
                 counts[c * bins + k] += 1
 
@@ -82,6 +87,34 @@ def _pool(workers: int) -> ThreadPoolExecutor:
             _executor.shutdown(wait=True)
         _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esparse-cpu-kernels")
     return _executor
+
+
+def _require_numba() -> None:
+    if not AVAILABLE:
+        raise RuntimeError("esparse.cpu_kernels needs numba; install it (envs/requirements-cpu.txt)")
+
+
+def _split_over_threads(kernel, items: int, values_per_item: int, inputs: tuple, outputs: tuple) -> None:
+    """Run kernel(*inputs, first, last, *outputs) over item ranges [first, last) that split `items`
+    over torch's thread count: one range here, the others on the pool's threads."""
+    threads = max(1, min(torch.get_num_threads(), items, items * values_per_item // _MIN_VALUES_PER_THREAD))
+    bounds = [items * t // threads for t in range(threads + 1)]
+    jobs = [_pool(threads).submit(kernel, *inputs, bounds[t], bounds[t + 1], *outputs) for t in range(1, threads)]
+    kernel(*inputs, bounds[0], bounds[1], *outputs)
+    for job in jobs:
+        job.result()
+
+
+def _integer_blocks(values: torch.Tensor, n: int, m: int) -> np.ndarray:
+    """The shuffle's [K, R, B] float64 CPU block values as a numpy array, checked."""
+    _require_numba()
+    if values.dtype != torch.float64 or values.device.type != "cpu" or values.dim() != 3:
+        raise ValueError(f"values must be a float64 [K, R, B] CPU tensor, got {values.dtype} {tuple(values.shape)} "
+                         f"on {values.device}")
+    width = values.shape[2]
+    if width % m != 0 or not 1 <= n < m:
+        raise ValueError(f"need 1 <= n < m and m dividing the block width {width}, got n={n}, m={m}")
+    return values.contiguous().numpy()
 
 
 def _count_share(batches: list[np.ndarray], share: int, shares: int, lo, width, inverse, bins: int,
@@ -104,8 +137,9 @@ def count_into(counts: torch.Tensor, batches: list[torch.Tensor], lo: torch.Tens
     once, and on a small CPU the threads torch's last operation left spinning slow the first
     milliseconds of every call (counting batch by batch was measured no faster on 2 threads than on 1).
     """
-    if not AVAILABLE:
-        raise RuntimeError("esparse.cpu_kernels needs numba; install it (envs/requirements-cpu.txt)")
+    _require_numba()
+    if not 1 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be in [1, {MAX_BINS}] for the compiled histogram, got {bins}")
     if not batches:
         return
     channels = batches[0].shape[-1]
@@ -121,7 +155,8 @@ def count_into(counts: torch.Tensor, batches: list[torch.Tensor], lo: torch.Tens
         arrays.append(flat.contiguous().numpy())
     lo_np = lo.detach().to("cpu", torch.float64).contiguous().numpy()
     width_np = safe_width.detach().to("cpu", torch.float64).contiguous().numpy()
-    inverse_np = 1.0 / width_np  # 0 for a constant channel (w = inf): always the exact path
+    with np.errstate(over="ignore"):  # an infinite reciprocal only sends its channel to the exact path
+        inverse_np = 1.0 / width_np  # 0 for a constant channel (w = inf): the exact path too
     counts_np = counts.numpy()
     values = sum(a.size for a in arrays)
     shares = max(1, min(counts.shape[0], values // _MIN_VALUES_PER_THREAD))
@@ -305,24 +340,11 @@ def block_swap_gains(values: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor
     values: float64 [K, R, B], integer-valued, on the CPU. Returns gain [K, B, B] (-inf where not a
     candidate) and the kept score of every group [K, B / m].
     """
-    if not AVAILABLE:
-        raise RuntimeError("esparse.cpu_kernels needs numba; install it (envs/requirements-cpu.txt)")
-    if values.dtype != torch.float64 or values.device.type != "cpu" or values.dim() != 3:
-        raise ValueError(f"values must be a float64 [K, R, B] CPU tensor, got {values.dtype} {tuple(values.shape)} "
-                         f"on {values.device}")
-    blocks, rows, width = values.shape
-    if width % m != 0 or not 1 <= n < m:
-        raise ValueError(f"need 1 <= n < m and m dividing the block width {width}, got n={n}, m={m}")
-    array = values.contiguous().numpy()
+    array = _integer_blocks(values, n, m)
+    blocks, rows, width = array.shape
     gain = np.empty((blocks, width, width), np.float64)
     group_kept = np.empty((blocks, width // m), np.float64)
-    threads = max(1, min(torch.get_num_threads(), blocks, blocks * rows * width // _MIN_VALUES_PER_THREAD))
-    bounds = [blocks * t // threads for t in range(threads + 1)]
-    jobs = [_pool(threads).submit(_swap_gains_blocks, array, n, m, bounds[t], bounds[t + 1], gain, group_kept)
-            for t in range(1, threads)]
-    _swap_gains_blocks(array, n, m, bounds[0], bounds[1], gain, group_kept)
-    for job in jobs:
-        job.result()
+    _split_over_threads(_swap_gains_blocks, blocks, rows * width, (array, n, m), (gain, group_kept))
     return torch.from_numpy(gain), torch.from_numpy(group_kept)
 
 
@@ -331,30 +353,16 @@ def local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol:
     """`esparse.pruning.shuffle._local_search` on the CPU, blocks split over torch's thread count:
     the same order, passes, swaps and gain (all decisions are on exact integer sums, and ties go to
     the first maximum in row-major order, as torch.max's do)."""
-    if not AVAILABLE:
-        raise RuntimeError("esparse.cpu_kernels needs numba; install it (envs/requirements-cpu.txt)")
-    if values.dtype != torch.float64 or values.device.type != "cpu" or values.dim() != 3:
-        raise ValueError(f"values must be a float64 [K, R, B] CPU tensor, got {values.dtype} {tuple(values.shape)} "
-                         f"on {values.device}")
-    blocks, rows, width = values.shape
-    if width % m != 0 or not 1 <= n < m:
-        raise ValueError(f"need 1 <= n < m and m dividing the block width {width}, got n={n}, m={m}")
-    array = values.contiguous().numpy()
+    array = _integer_blocks(values, n, m)
+    blocks, rows, width = array.shape
+    if width // m < 2 or max_passes == 0:
+        return torch.arange(width).repeat(blocks, 1), 0, 0, 0.0
     order = np.empty((blocks, width), np.int64)
     passes_run = np.zeros(blocks, np.int64)
     swaps = np.zeros(blocks, np.int64)
     gains = np.zeros(blocks, np.float64)
-    if width // m < 2 or max_passes == 0:
-        return torch.arange(width).repeat(blocks, 1), 0, 0, 0.0
-    threads = max(1, min(torch.get_num_threads(), blocks, blocks * rows * width // _MIN_VALUES_PER_THREAD))
-    bounds = [blocks * t // threads for t in range(threads + 1)]
-    arguments = (array, n, m, max_passes, rel_tol, screen_rel_tol)
-    results = (order, passes_run, swaps, gains)
-    jobs = [_pool(threads).submit(_local_search_blocks, *arguments, bounds[t], bounds[t + 1], *results)
-            for t in range(1, threads)]
-    _local_search_blocks(*arguments, bounds[0], bounds[1], *results)
-    for job in jobs:
-        job.result()
+    _split_over_threads(_local_search_blocks, blocks, rows * width, (array, n, m, max_passes, rel_tol, screen_rel_tol),
+                        (order, passes_run, swaps, gains))
     total_gain = 0.0
     for value in gains.tolist():  # in block order (integer-valued: exact in any order anyway)
         total_gain += value
@@ -389,21 +397,14 @@ def nm_kept_score(score: torch.Tensor, n: int, m: int, perm: torch.Tensor | None
     """Total score kept by the N:M mask of score[:, perm] (float64 CPU `score`): the sum over rows of
     each row's kept score, rows split over threads and their sums added in row order, so the result
     does not depend on the thread count."""
-    if not AVAILABLE:
-        raise RuntimeError("esparse.cpu_kernels needs numba; install it (envs/requirements-cpu.txt)")
+    _require_numba()
     rows, columns = score.shape
     if columns % m != 0 or not 1 <= n <= m:
         raise ValueError(f"need 1 <= n <= m and m dividing the width {columns}, got n={n}, m={m}")
     array = score.detach().to(torch.float64).contiguous().numpy()
     order = np.arange(columns, dtype=np.int64) if perm is None else perm.detach().to("cpu", torch.int64).contiguous().numpy()
     row_kept = np.empty(rows, np.float64)
-    threads = max(1, min(torch.get_num_threads(), rows, rows * columns // _MIN_VALUES_PER_THREAD))
-    bounds = [rows * t // threads for t in range(threads + 1)]
-    jobs = [_pool(threads).submit(_kept_score_rows, array, order, n, m, bounds[t], bounds[t + 1], row_kept)
-            for t in range(1, threads)]
-    _kept_score_rows(array, order, n, m, bounds[0], bounds[1], row_kept)
-    for job in jobs:
-        job.result()
+    _split_over_threads(_kept_score_rows, rows, columns, (array, order, n, m), (row_kept,))
     total = 0.0
     for value in row_kept.tolist():  # in row order
         total += value

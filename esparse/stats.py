@@ -191,7 +191,7 @@ class StatsAccumulator:
         self._scratch = scratch if scratch is not None else ScratchPool()
         self._pending_elements = 0
         # CPU with numba: one row of counts per thread, summed in finalize (esparse.cpu_kernels)
-        self._compiled = self.device.type == "cpu" and cpu_kernels.AVAILABLE
+        self._compiled = self.device.type == "cpu" and cpu_kernels.AVAILABLE and bins <= cpu_kernels.MAX_BINS
         self._thread_counts: torch.Tensor | None = None
         self._safe_width: torch.Tensor | None = None
         self._held_batches: list[torch.Tensor] = []

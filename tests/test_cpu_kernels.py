@@ -56,6 +56,14 @@ def test_histogram_values_on_bin_edges_land_where_the_division_puts_them(bins):
     assert torch.equal(_compiled_counts([x], lo, hi, bins), channel_histogram(x, lo, hi, bins))
 
 
+def test_histogram_of_ranges_too_narrow_for_a_finite_reciprocal():
+    """float64 channels whose bin width is subnormal (1 / w overflows): every value divided exactly."""
+    x = torch.tensor([[0.0, 1.0], [3e-310, 1.5], [7e-310, 2.0], [1e-309, 2.5]], dtype=torch.float64)
+    lo, hi = x.amin(0), x.amax(0)
+    assert torch.isinf(1.0 / safe_bin_width(lo, hi, 16)[0])
+    assert torch.equal(_compiled_counts([x], lo, hi, 16), channel_histogram(x, lo, hi, 16))
+
+
 def test_histogram_counts_values_outside_the_range_in_the_edge_bins():
     x = torch.tensor([[-5.0], [0.0], [0.5], [1.0], [7.0]])
     lo, hi = torch.tensor([0.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
@@ -69,6 +77,9 @@ def test_histogram_argument_errors():
     lo, hi = x.amin(0).double(), x.amax(0).double()
     with pytest.raises(ValueError, match=r"counts must be int64 \[threads, 24\]"):
         cpu_kernels.count_into(torch.zeros(2, 23, dtype=torch.int64), [x], lo, safe_bin_width(lo, hi, 8), 8)
+    with pytest.raises(ValueError, match=r"bins must be in \[1, 1048576\]"):
+        cpu_kernels.count_into(torch.zeros(1, 3 << 21, dtype=torch.int64), [x], lo, safe_bin_width(lo, hi, 1 << 21),
+                               1 << 21)
     with pytest.raises(ValueError, match="every batch must have 3 channels"):
         cpu_kernels.count_into(torch.zeros(1, 24, dtype=torch.int64), [x, torch.randn(2, 4)], lo,
                                safe_bin_width(lo, hi, 8), 8)
