@@ -196,3 +196,23 @@ def test_channel_shuffle_is_the_same_on_either_path(monkeypatch, pattern):
     assert compiled.local == reference.local
     assert compiled.efficacy == pytest.approx(reference.efficacy, rel=1e-12)
     assert compiled.local["swaps"] > 0
+
+
+def test_numba_is_loaded_only_when_a_kernel_runs():
+    """Wanda, SparseGPT and every other job import the driver and statistics without numba's memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "import esparse.pruning.driver, esparse.pruning.shuffle, esparse.stats\n"
+            "from esparse.pruning.methods import build_method\n"
+            "from esparse.pruning.pattern import SparsityPattern\n"
+            "w = torch.randn(8, 16)\n"
+            "stats = esparse.stats.StatsAccumulator(16, frozenset({'norm'}))\n"
+            "stats.observe(torch.randn(4, 16), 1)\n"
+            "build_method('wanda').prune_layer(w, stats.finalize(), SparsityPattern.parse('2:4'))\n"
+            "assert 'numba' not in sys.modules, 'numba imported without a compiled kernel running'\n"
+            "from esparse import cpu_kernels\n"
+            "cpu_kernels.nm_kept_score(w.double(), 2, 4)\n"
+            "assert 'numba' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
