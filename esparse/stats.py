@@ -7,7 +7,8 @@ Entropy needs a fixed histogram range per channel. This suite takes the exact ra
 pass (`observe_range`, per-channel min and max over all calibration tokens), then fills the
 K-bin histogram over `[lo_j, hi_j]` in a second pass (`observe`). The result does not depend on
 batch order or batch size: it is the histogram a one-shot `torch.histc` per channel would give.
-A channel whose values are all equal has one occupied bin and entropy 0.
+A channel whose values are all equal has one occupied bin and entropy 0. On a CPU with numba the
+counts come from one compiled pass (`esparse.cpu_kernels.count_into`), identical to the torch path's.
 """
 
 from __future__ import annotations

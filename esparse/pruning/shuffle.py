@@ -29,6 +29,9 @@ holding integers, `fixed_point_scores`), whose sums are exact in any order. Redu
 depends on threads, vectorisation or memory alignment therefore cannot change a choice, and the
 permutation is bit-identical across runs, thread counts and devices. The reported kept scores and
 efficacy are computed on the original scores.
+
+On a CPU with numba installed, the local search and the kept-score counts run as compiled loops
+(`esparse.cpu_kernels`), making the same decisions; the torch code here is the GPU's path.
 """
 
 from __future__ import annotations
