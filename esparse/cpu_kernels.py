@@ -192,9 +192,7 @@ def local_search(values: torch.Tensor, n: int, m: int, max_passes: int, rel_tol:
     gains = np.zeros(blocks, np.float64)
     _split_over_threads(_jit().local_search_blocks, blocks, rows * width, (array, n, m, max_passes, rel_tol, screen_rel_tol),
                         (order, passes_run, swaps, gains))
-    total_gain = 0.0
-    for value in gains.tolist():  # in block order (integer-valued: exact in any order anyway)
-        total_gain += value
+    total_gain = sum(gains.tolist())  # integer-valued: exact in any order
     return torch.from_numpy(order), int(passes_run.max()), int(swaps.sum()), total_gain
 
 
@@ -213,7 +211,4 @@ def nm_kept_score(score: torch.Tensor, n: int, m: int, perm: torch.Tensor | None
     order = np.arange(columns, dtype=np.int64) if perm is None else perm.detach().to("cpu", torch.int64).contiguous().numpy()
     row_kept = np.empty(rows, np.float64)
     _split_over_threads(_jit().kept_score_rows, rows, columns, (array, order, n, m), (row_kept,))
-    total = 0.0
-    for value in row_kept.tolist():  # in row order
-        total += value
-    return total
+    return sum(row_kept.tolist())  # left to right, in row order
