@@ -5,6 +5,8 @@ Backends:
 - ``ours``: the Triton kernels of triton_sp24 on the packed format, permutation included.
 - ``ours_cuda``: the CUDA C++ decode kernel of cuda_sp24 (sparse tensor cores, 1-16 tokens),
   permutation included (gathered once per CTA into shared memory).
+- ``ours_cutlass``: the prefill GEMM of cutlass_sp24 (CUTLASS's ``wgmma.sp`` kernels, Hopper, 64+
+  tokens), permutation included (x[:, perm] gathered by index_select before the GEMM).
 - ``cusparselt``: ``torch._cslt_sparse_mm`` (permuted x via index_select + sparse GEMM), searched
   algorithm and a sweep of algorithm ids / split-K, timed under graph replay.
 - ``decompress_dense``: decompress the packed weight (Triton) into a scratch buffer, then cuBLAS.
@@ -26,6 +28,7 @@ from .pack import Packed24, pack_24, random_24_weight, rel_frobenius_error, unpa
 from .timing import MAX_SETS, Timing, l2_bytes, rotation_sets, time_calls
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 64, 256, 2048, 8192)
+SPARSE_BACKENDS = ("ours", "ours_cuda", "ours_cutlass", "cusparselt", "decompress_dense")
 
 # (block_n, block_kh, num_warps) of the FMA decode kernel
 GEMV_BLOCKS = ((16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 64, 4), (8, 256, 4))
@@ -165,6 +168,11 @@ class ShapeBench:
                 lst.append(Packed24(src.values, src.meta, None, src.shape))
             elif kind == "cslt":
                 lst.append(cslt.compress(self.dense_perm()) if not lst else lst[0].clone())
+            elif kind == "cutlass":  # values shared with the packed copy of the same index
+                from .cutlass_sp24 import CutlassWeight
+
+                packed = self._weight_copies("packed", len(lst) + 1)[len(lst)]
+                lst.append(CutlassWeight.from_packed(packed))
             else:
                 raise ValueError(kind)
         return lst[:count]
@@ -262,6 +270,31 @@ class ShapeBench:
         if self.check and int(ws.counters.abs().sum()) != 0:
             err = float("inf")
         backend = "ours_cuda" if with_perm else "ours_cuda_noperm"
+        return Measurement(backend, config.to_dict(), config.label, timing, err, set_bytes=set_bytes)
+
+    def time_cutlass(self, config, tokens: int, reps: int | None = None, with_perm: bool = True) -> Measurement:
+        from .cutlass_sp24 import sp24_cutlass_matmul, workspace_bytes
+
+        n, k = self.shape
+        cw0 = self._weight_copies("cutlass", 1)[0]
+        sets, set_bytes = self._set_count(cw0.nbytes(), tokens)
+        cws = self._weight_copies("cutlass", sets)
+        xs = self._inputs(tokens, sets)
+        outs = [torch.empty(tokens, n, dtype=self.weight.dtype, device=self.device) for _ in range(sets)]
+        perm = self.packed.perm if with_perm else None
+        x_perm = torch.empty(tokens, k, dtype=self.weight.dtype, device=self.device) if perm is not None else None
+        need = workspace_bytes(cw0, config, tokens)
+        ws = torch.empty(need, dtype=torch.uint8, device=self.device) if need else None
+        calls = [(lambda x=x, c=c, o=o: sp24_cutlass_matmul(x, c, config, perm, out=o, x_perm=x_perm, workspace=ws))
+                 for x, c, o in zip(xs, cws, outs)]
+        err = None
+        if self.check:
+            outs[0].fill_(float("nan"))
+            calls[0]()
+            err = rel_frobenius_error(outs[0], self._reference(xs[0], permuted_weight=perm is None
+                                                              and self.packed.perm is not None))
+        timing = time_calls(calls, reps or self.reps)
+        backend = "ours_cutlass" if with_perm else "ours_cutlass_noperm"
         return Measurement(backend, config.to_dict(), config.label, timing, err, set_bytes=set_bytes)
 
     def time_decompress_dense(self, tokens: int, reps: int | None = None) -> Measurement:
@@ -368,11 +401,21 @@ def cuda_available() -> bool:
     return cuda_sp24.available()
 
 
+def cutlass_available() -> bool:
+    """True when the CUTLASS prefill library builds and loads here (Hopper only; first call compiles)."""
+    if not torch.cuda.is_available():
+        return False
+    from . import cutlass_sp24
+
+    return cutlass_sp24.available()
+
+
 def tune_tokens(bench: ShapeBench, tokens: int, n_sms: int, include_cslt: bool = True,
                 include_dense: bool = True, include_decompress: bool | None = None,
                 log: Callable[[str], None] | None = None,
                 on_result: Callable[[Measurement], None] | None = None,
-                include_triton: bool = True, include_cuda: bool = True) -> list[Measurement]:
+                include_triton: bool = True, include_cuda: bool = True,
+                include_cutlass: bool = True) -> list[Measurement]:
     """Time every candidate for one token count; returns all measurements (failed ones with .error)."""
     n, k = bench.shape
     res: list[Measurement] = _Recorder(on_result)
@@ -389,6 +432,12 @@ def tune_tokens(bench: ShapeBench, tokens: int, n_sms: int, include_cslt: bool =
             for cfg in cuda_candidates(n, k, tokens, n_sms):
                 res.append(_safe(lambda cfg=cfg: bench.time_cuda(cfg, tokens), "ours_cuda", cfg.label,
                                  cfg.to_dict()))
+    if include_cutlass and tokens >= 64 and cutlass_available():
+        from .cutlass_sp24 import cutlass_candidates
+
+        for cfg in cutlass_candidates(n, k, tokens, bench.weight.dtype):
+            res.append(_safe(lambda cfg=cfg: bench.time_cutlass(cfg, tokens), "ours_cutlass", cfg.label,
+                             cfg.to_dict()))
     if include_decompress is None:
         include_decompress = tokens >= 16
     if include_decompress:

@@ -8,8 +8,9 @@ For every shape and token count: time every candidate (tuning pass), then time t
 backend again with more repeats (final pass; these are the reported rows), plus `dispatch` (the best
 final backend, dense allowed: what SparseLinear runs) and `dispatch_sparse` (best sparse-only backend).
 Backends: `ours` (Triton kernels), `ours_cuda` (the CUDA decode kernel on sparse tensor cores, 1-16
-tokens), `cusparselt`, `decompress_dense`. Rows of backend `ours_noperm` / `ours_cuda_noperm` /
-`cusparselt_noperm` show the same best configs without the channel permutation. Weights are random 2:4 in a random permuted order, inputs random (never zeros).
+tokens), `ours_cutlass` (CUTLASS's Hopper sparse GEMM, 64+ tokens), `cusparselt`, `decompress_dense`.
+Rows of backend `ours_noperm` / `ours_cuda_noperm` / `ours_cutlass_noperm` / `cusparselt_noperm` show
+the same best configs without the channel permutation. Weights are random 2:4 in a random permuted order, inputs random (never zeros).
 cuSPARSELt is tried from 64 tokens up (autotune.cslt_candidates says why); each model runs in its own
 worker process, rerun without cuSPARSELt if it faults or outlives --worker-timeout.
 Besides the CSV it writes <out>.meta.json (command, device, versions, measured ceilings) and
@@ -30,6 +31,7 @@ import torch
 
 from esparse.errors import ConfigError
 
+from .autotune import SPARSE_BACKENDS
 from .shapes import select_shapes
 
 CSV_COLUMNS = [
@@ -37,7 +39,6 @@ CSV_COLUMNS = [
     "median_us", "p10_us", "p90_us", "ratio_vs_dense", "bytes", "tb_s", "tflop_s", "limit_us",
     "frac_of_limit", "ratio_limit", "rot_sets", "set_mb", "graph", "reps", "rel_err", "device",
 ]
-SPARSE_BACKENDS = ("ours", "ours_cuda", "cusparselt", "decompress_dense")
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -71,7 +72,7 @@ def row_metrics(n: int, k: int, tokens: int, backend: str, median_us: float, cei
 
 def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps: int, final_reps: int, seed: int,
                   include_cslt: bool, emit_row, emit_tuning, log=print, include_triton: bool = True,
-                  include_cuda: bool = True) -> None:
+                  include_cuda: bool = True, include_cutlass: bool = True) -> None:
     """Tune and measure one shape at every token count; rows and tuning records go out as they come."""
     from .autotune import ShapeBench, best_of, tune_tokens
     from .triton_sp24 import KernelConfig
@@ -87,7 +88,8 @@ def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps
             if m.timing is None:
                 log(f"    FAIL {m.backend} {m.label}: {m.error}")
         all_meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log, on_result=record,
-                               include_triton=include_triton, include_cuda=include_cuda)
+                               include_triton=include_triton, include_cuda=include_cuda,
+                               include_cutlass=include_cutlass)
         final = []
         dense = bench.time_dense(t, reps=final_reps)
         final.append(dense)
@@ -103,6 +105,13 @@ def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps
             ccfg = CudaConfig.from_dict(best_cuda.config)
             final.append(bench.time_cuda(ccfg, t, reps=final_reps))
             final.append(bench.time_cuda(ccfg, t, reps=final_reps, with_perm=False))
+        best_cutlass = best_of(all_meas, ("ours_cutlass",))
+        if best_cutlass is not None:
+            from .cutlass_sp24 import CutlassConfig
+
+            kcfg = CutlassConfig.from_dict(best_cutlass.config)
+            final.append(bench.time_cutlass(kcfg, t, reps=final_reps))
+            final.append(bench.time_cutlass(kcfg, t, reps=final_reps, with_perm=False))
         best_cslt = best_of(all_meas, ("cusparselt",))
         if best_cslt is not None:
             alg, split = best_cslt.config["alg_id"], best_cslt.config["split_k"]
@@ -137,7 +146,8 @@ def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps
         log(f"{shape.name:22s} T={t:5d} dense {dense_us:9.2f}us | dispatch {dispatch.backend}:{dispatch.label} "
             f"{dense_us / dispatch.timing.median_us:5.2f}x | ours "
             f"{(dense_us / best_ours.timing.median_us) if best_ours else float('nan'):5.2f}x (tune) | cuda "
-            f"{(dense_us / best_cuda.timing.median_us) if best_cuda else float('nan'):5.2f}x (tune) | cslt "
+            f"{(dense_us / best_cuda.timing.median_us) if best_cuda else float('nan'):5.2f}x (tune) | cutlass "
+            f"{(dense_us / best_cutlass.timing.median_us) if best_cutlass else float('nan'):5.2f}x (tune) | cslt "
             f"{(dense_us / best_cslt.timing.median_us) if best_cslt else float('nan'):5.2f}x (tune)  "
             f"[{time.time() - t_start:.0f}s]")
     bench.release()
@@ -160,7 +170,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: int = 10, final_reps: int = 30,
         seed: int = 0, log=print, isolate: bool = True, include_cslt: bool = True,
-        worker_timeout: float = 1800.0, include_triton: bool = True, include_cuda: bool = True) -> list[dict]:
+        worker_timeout: float = 1800.0, include_triton: bool = True, include_cuda: bool = True,
+        include_cutlass: bool = True) -> list[dict]:
     """The whole benchmark. With isolate, each model runs in its own process, killed after
     worker_timeout seconds: a device fault or a hang (both seen inside cuSPARSELt on the H200) then
     costs that model's cuSPARSELt rows only, as it is rerun without them."""
@@ -194,7 +205,8 @@ def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: in
             for s in group:
                 measure_shape(s, tokens, ceilings, dev, tune_reps, final_reps, seeds[s.name], include_cslt,
                               _jsonl_appender(rows_path), _jsonl_appender(tuning_path), log,
-                              include_triton=include_triton, include_cuda=include_cuda)
+                              include_triton=include_triton, include_cuda=include_cuda,
+                              include_cutlass=include_cutlass)
             continue
         ceil_path = out_csv.with_suffix(".ceilings.json")
         ceil_path.write_text(json.dumps({"ceilings": ceilings, "device": dev}))
@@ -209,6 +221,8 @@ def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: in
                 cmd.append("--no-triton")
             if not include_cuda:
                 cmd.append("--no-cuda")
+            if not include_cutlass:
+                cmd.append("--no-cutlass")
             try:
                 returncode = subprocess.run(cmd, timeout=worker_timeout).returncode
             except subprocess.TimeoutExpired:
@@ -249,7 +263,7 @@ def _worker(args) -> int:
         measure_shape(shape, parse_tokens(args.tokens), info["ceilings"], info["device"], args.tune_reps,
                       args.final_reps, seed, not args.no_cslt, _jsonl_appender(rows_path),
                       _jsonl_appender(tuning_path), log, include_triton=not args.no_triton,
-                      include_cuda=not args.no_cuda)
+                      include_cuda=not args.no_cuda, include_cutlass=not args.no_cutlass)
     return 0
 
 
@@ -267,7 +281,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def print_summary(rows: list[dict], log=print) -> None:
     """Ratio vs dense of `ours` and `dispatch` per shape (rows) and token count (columns)."""
     toks = sorted({r["tokens"] for r in rows})
-    for backend in ("ours", "ours_cuda", "ours_cuda_noperm", "cusparselt", "dispatch"):
+    for backend in ("ours", "ours_cuda", "ours_cuda_noperm", "ours_cutlass", "ours_cutlass_noperm", "cusparselt",
+                    "dispatch"):
         log(f"\nratio vs dense, backend={backend}")
         log("shape".ljust(24) + "".join(f"{t:>7d}" for t in toks))
         for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -292,12 +307,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave PyTorch's cuSPARSELt out (its algorithm sweep hung on the H200 at 16 tokens)")
     ap.add_argument("--no-triton", action="store_true", help="leave the Triton kernels out of the candidates")
     ap.add_argument("--no-cuda", action="store_true", help="leave the CUDA decode kernel out of the candidates")
+    ap.add_argument("--no-cutlass", action="store_true",
+                    help="leave the CUTLASS prefill kernel (Hopper sparse GEMM) out of the candidates")
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args)
     run(args.shapes, parse_tokens(args.tokens), args.out, args.tune_reps, args.final_reps, args.seed,
         log=lambda s: print(s, flush=True), isolate=not args.no_isolate, include_cslt=not args.no_cslt,
-        worker_timeout=args.worker_timeout, include_triton=not args.no_triton, include_cuda=not args.no_cuda)
+        worker_timeout=args.worker_timeout, include_triton=not args.no_triton, include_cuda=not args.no_cuda,
+        include_cutlass=not args.no_cutlass)
     return 0
 
 

@@ -151,7 +151,7 @@ def _reference_bucket() -> dict:
 def tune_shape(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps: int, log,
                include_cslt: bool = True, include_triton: bool = True) -> dict:
     """Autotune one packed shape for every token bucket on `device`: the plan entries per bucket."""
-    from .autotune import ShapeBench, best_of, tune_tokens
+    from .autotune import SPARSE_BACKENDS, ShapeBench, best_of, tune_tokens
     from .pack import unpack_24
 
     n_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -160,8 +160,8 @@ def tune_shape(p: Packed24, buckets: tuple[int, ...], device: torch.device, reps
     out = {}
     for t in buckets:
         meas = tune_tokens(bench, t, n_sms, include_cslt=include_cslt, log=log, include_triton=include_triton)
-        best = best_of(meas, ("dense", "ours", "ours_cuda", "cusparselt", "decompress_dense"))
-        best_sparse = best_of(meas, ("ours", "ours_cuda", "cusparselt", "decompress_dense"))
+        best = best_of(meas, ("dense",) + SPARSE_BACKENDS)
+        best_sparse = best_of(meas, SPARSE_BACKENDS)
         cands = [m.to_dict() for m in meas]
         entry = {"candidates": cands}
         for key, m in (("best", best), ("sparse_only", best_sparse)):

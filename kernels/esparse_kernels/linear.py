@@ -6,7 +6,9 @@ buffer), so the hot path has no host synchronisation and no cudaMalloc: outputs 
 caching allocator, which CUDA-graph capture supports, and whole models can be captured.
 
 Backends: ``ours`` (Triton kernels), ``ours_cuda`` (the CUDA decode kernel on sparse tensor cores,
-1-16 tokens; token counts beyond its bucket fall back to ``decompress_dense``), ``dense`` (cuBLAS on
+1-16 tokens; token counts beyond its bucket fall back to ``decompress_dense``), ``ours_cutlass``
+(CUTLASS's Hopper sparse GEMM for prefill; it shares the packed values and adds CUTLASS's metadata,
+1/16 of the dense bytes, made once at construction), ``dense`` (cuBLAS on
 a dense copy of the masked weight: only kept when the plan picks dense somewhere and ``allow_dense``
 is true, and it costs the dense weight's memory), ``cusparselt`` (compressed copy made at
 construction), ``decompress_dense`` (Triton decompress into a scratch buffer shared by all layers of
@@ -82,6 +84,7 @@ class SparseLinear(nn.Module):
         self._routes: list = []
         self._dense_weight = None
         self._cslt_weight = None
+        self._cutlass_weight = None
         self._build_routes()
 
     # -- construction -------------------------------------------------------------------------
@@ -134,6 +137,16 @@ class SparseLinear(nn.Module):
                                                     self.values.dtype),
                     "ours_cuda", repr(cfg), self.out_features, self.in_features, size, self.values.dtype, device)
                 self._routes.append(("ours_cuda", cfg, ws, size))
+            elif backend == "ours_cutlass":
+                from . import cutlass_sp24
+
+                if (not cutlass_sp24.available()
+                        or not cutlass_sp24.supports_shape(self.out_features, self.in_features, self.values.dtype)):
+                    self._routes.append(("decompress_dense",))  # the library cannot run here
+                    continue
+                if self._cutlass_weight is None:
+                    self._cutlass_weight = cutlass_sp24.CutlassWeight.from_packed(self.packed)
+                self._routes.append(("ours_cutlass", cutlass_sp24.CutlassConfig.from_dict(spec["config"])))
             elif backend == "dense":
                 if self._dense_weight is None:
                     self._dense_weight = unpack_24(self.packed).contiguous()
@@ -161,8 +174,11 @@ class SparseLinear(nn.Module):
         i = bisect.bisect_left(self._bucket_sizes, tokens)
         return self._routes[min(i, len(self._routes) - 1)]
 
+    def _permuted_input_buffer(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        return _scratch("x_perm", (rows, self.in_features), x.dtype, x.device)
+
     def _permuted_input(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        buf = _scratch("x_perm", (rows, self.in_features), x.dtype, x.device)
+        buf = self._permuted_input_buffer(x, rows)
         torch.index_select(x, 1, self.packed.perm, out=buf[: x.shape[0]])
         return buf
 
@@ -194,6 +210,14 @@ class SparseLinear(nn.Module):
             from .cuda_sp24 import sp24_cuda_matmul
 
             y = sp24_cuda_matmul(x2, self.packed, route[1], route[2])
+        elif kind == "ours_cutlass":
+            from .cutlass_sp24 import sp24_cutlass_matmul, workspace_bytes
+
+            need = workspace_bytes(self._cutlass_weight, route[1], t)  # host arithmetic only
+            ws = _scratch("cutlass_ws", (need,), torch.uint8, x2.device) if need else None
+            x_perm = self._permuted_input_buffer(x2, t) if self.packed.perm is not None else None
+            y = sp24_cutlass_matmul(x2, self._cutlass_weight, route[1], self.packed.perm, x_perm=x_perm,
+                                    workspace=ws)
         elif kind == "dense":
             y = torch.mm(x2, self._dense_weight.t())
         elif kind == "cusparselt":

@@ -1,6 +1,6 @@
 """Exactness check of every kernel path against the masked dense reference on the current device.
 
-    python -m esparse_kernels.selfcheck [--out check.json] [--backends triton,cuda]
+    python -m esparse_kernels.selfcheck [--out check.json] [--backends triton,cuda,cutlass]
 
 Fresh random weights, 2:4 masks in random permuted orders, inputs and permutations for each case;
 outputs poisoned with NaN before each run; each split-K case is run several times in a row (the
@@ -148,10 +148,58 @@ def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repea
             "max_rel_err_bf16": max(bf16, default=None), "results": results}
 
 
+def run_cutlass(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 2) -> dict:
+    """The CUTLASS prefill GEMM (cutlass_sp24) against the reference, with and without permutation.
+
+    Every configuration, shapes with and without tile padding (K = 576 is not a multiple of 128), token
+    counts below, at and off the tile sizes; a fifth of the kept values are set to exactly zero, so the
+    compressor's placeholder path is exercised too."""
+    from .cutlass_sp24 import NUM_CONFIGS, CutlassConfig, CutlassWeight, sp24_cutlass_matmul, workspace_bytes
+
+    results, failures = [], []
+    gen = torch.Generator().manual_seed(2468)
+    shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
+    tokens = [1, 64, 129, 300, 1000]
+    for dtype in dtypes:
+        configs = range(NUM_CONFIGS) if dtype == torch.float16 else (0, NUM_CONFIGS - 1)
+        for n, k in shapes:
+            for with_perm in (True, False):
+                w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen, with_perm=with_perm)
+                w = w * (torch.rand(n, k, generator=gen) > 0.2).to(dtype)  # some kept values exactly zero
+                packed = pack_24(w, mask, perm).to(device)
+                cw = CutlassWeight.from_packed(packed)
+                for index in configs:
+                    cfg = CutlassConfig(index)
+                    for t in tokens:
+                        x = torch.randn(t, k, generator=gen).to(dtype).to(device)
+                        ref = reference_linear(x, packed)
+                        need = workspace_bytes(cw, cfg, t)
+                        ws = torch.empty(need, dtype=torch.uint8, device=device) if need else None
+                        outs = []
+                        for _ in range(repeats):
+                            out = torch.full((t, n), float("nan"), dtype=dtype, device=device)
+                            sp24_cutlass_matmul(x, cw, cfg, packed.perm, out=out, workspace=ws)
+                            outs.append(out)
+                        torch.cuda.synchronize()
+                        err = max(rel_frobenius_error(o, ref) for o in outs)
+                        stable = all(torch.equal(outs[0], o) for o in outs[1:])
+                        tol = TOL if dtype == torch.float16 else 8 * TOL
+                        rec = {"case": f"cutlass {cfg.label} {n}x{k} T={t} perm={int(with_perm)} {dtype}",
+                               "rel_err": err, "stable": stable, "shares_values": cw.shares_values, "tol": tol}
+                        results.append(rec)
+                        if not (err < tol and stable):
+                            failures.append(rec)
+    fp16 = [r["rel_err"] for r in results if "float16" in r["case"] and "bfloat16" not in r["case"]]
+    bf16 = [r["rel_err"] for r in results if "bfloat16" in r["case"]]
+    return {"device": torch.cuda.get_device_name(), "cases": len(results), "failures": failures,
+            "max_rel_err_fp16": max(fp16, default=None), "max_rel_err_bf16": max(bf16, default=None),
+            "results": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m esparse_kernels.selfcheck")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--backends", default="triton,cuda", help="comma-separated: triton, cuda")
+    ap.add_argument("--backends", default="triton,cuda", help="comma-separated: triton, cuda, cutlass")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("selfcheck needs CUDA", file=sys.stderr)
@@ -163,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             report = run()
         elif backend == "cuda":
             report = run_cuda()
+        elif backend == "cutlass":
+            report = run_cutlass()
         else:
-            print(f"unknown backend {backend!r} (allowed: triton, cuda)", file=sys.stderr)
+            print(f"unknown backend {backend!r} (allowed: triton, cuda, cutlass)", file=sys.stderr)
             return 2
         reports[backend] = report
         failed += len(report["failures"])

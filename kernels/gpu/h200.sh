@@ -14,6 +14,7 @@
 # I: the full benchmark's first half (SmolLM2, 7B, 13B shapes, every token bucket, every backend).
 # J: the full benchmark's second half (30B, 65B shapes).
 # P: pruning time on the GPU, E-Sparse against Wanda (LLaMA-7B and -65B shapes, first blocks).
+# K: the CUTLASS prefill kernel (Hopper sparse GEMM): build, self-check, CUDA tests, prefill buckets.
 # T: every test file that holds CUDA-only tests, on the GPU.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
@@ -178,6 +179,29 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
                 --out "$OUT/prune_time_${shape}_${method}.json" 2>&1 | tee "$OUT/prune_time_${shape}_${method}.log" | tail -8
         done
     done
+    ;;
+  K)
+    # the CUTLASS prefill kernel (cutlass_sp24, wgmma.sp): build it here (nvidia-cutlass carried in .whl/),
+    # its self-check and CUDA tests, then prefill buckets of the LLaMA shapes (K_SHAPES, K_TOKENS), dense
+    # cuBLAS vs the CUTLASS kernel vs decompress+cuBLAS. The build is kept in build/ext while warm.
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=$PWD/build/ext
+    stamp "build the CUTLASS library"
+    if ! timeout 420 $PY -c "
+import time; t0 = time.time()
+from esparse_kernels import cutlass_sp24 as c
+print(c.build_library(log=print)); c.load_library()
+print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
+      [c.CutlassConfig(i).label for i in range(c.NUM_CONFIGS)])
+" 2>&1 | tail -30; then echo "build failed"; exit 1; fi
+    stamp "selfcheck cutlass"
+    timeout 200 $PY -m esparse_kernels.selfcheck --backends cutlass --out "$OUT/selfcheck_cutlass.json" 2>&1 | tail -12
+    stamp "cutlass tests"
+    timeout 120 $PY -m pytest -q -x -p no:cacheprovider -rs tests/test_kernels_cutlass.py 2>&1 | tail -8
+    stamp "bench K"
+    timeout ${K_BENCH_S:-300} $BENCH --out "$OUT/kernels_h200_k.csv" --shapes "${K_SHAPES:-llama-13b,llama-65b}" \
+        --tokens "${K_TOKENS:-2048,8192}" --no-isolate --no-cusparselt --no-triton --no-cuda 2>&1 \
+        | tee "$OUT/bench_k.log" | grep -v "^  [0-9]"
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed
