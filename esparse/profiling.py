@@ -154,8 +154,8 @@ def _linear_bytes(model: Decoder) -> int:
         for name in model.shape.linear_shapes():
             parent, child = name.split(".")
             module = getattr(getattr(block, parent), child)
-            packed = getattr(module, "packed", None)
-            total += packed.nbytes(include_perm=True) if packed is not None else module.weight.numel() * module.weight.element_size()
+            nbytes = getattr(module, "weight_nbytes", None)  # SparseLinear: every representation it holds
+            total += nbytes() if nbytes is not None else module.weight.numel() * module.weight.element_size()
     return total
 
 

@@ -10,8 +10,9 @@ parallel), loads it with ctypes and runs it on the caller's stream. No torch hea
 the library does not depend on the torch build, and a launch is graph-capturable: no allocation, no
 synchronisation (workspace and outputs come from the caller).
 
-Inputs: the CUTLASS headers of the ``nvidia-cutlass`` wheel (or ``$ESPARSE_CUTLASS_DIR``, a CUTLASS
-source tree), ``nvcc`` 12.2+ (``$CUDA_HOME/bin`` or ``PATH``), a compute-capability 9.0 GPU (the
+Inputs: the CUTLASS headers of the ``nvidia-cutlass`` wheel (``pip install --no-deps
+nvidia-cutlass==4.2.0.0``: its Python dependencies, cuda-python and scipy among them, are not needed,
+so it is not in the locked environments) or ``$ESPARSE_CUTLASS_DIR`` (a CUTLASS source tree), ``nvcc`` 12.2+ (``$CUDA_HOME/bin`` or ``PATH``), a compute-capability 9.0 GPU (the
 sm_90a code runs there only). ``$ESPARSE_CUTLASS_LIB`` names a prebuilt library to load instead.
 
 Weight layout: CUTLASS's compressor turns the masked dense weight (permuted column order) into its
@@ -72,8 +73,9 @@ def cutlass_source_dir() -> Path:
     else:
         spec = importlib.util.find_spec("cutlass_library")
         if spec is None or spec.origin is None:
-            raise ConfigError("the CUTLASS prefill kernel needs the CUTLASS headers: pip install "
-                              "nvidia-cutlass==4.2.0.0, or set ESPARSE_CUTLASS_DIR to a CUTLASS source tree")
+            raise ConfigError("the CUTLASS prefill kernel needs the CUTLASS headers: pip install --no-deps "
+                              "nvidia-cutlass==4.2.0.0 (only its headers are used), or set ESPARSE_CUTLASS_DIR "
+                              "to a CUTLASS source tree")
         root = Path(spec.origin).parent / "source"
     if not (root / "include" / "cutlass" / "cutlass.h").is_file():
         raise ConfigError(f"no CUTLASS headers under {root} (expected include/cutlass/cutlass.h)")

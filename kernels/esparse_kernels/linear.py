@@ -161,6 +161,19 @@ class SparseLinear(nn.Module):
             else:
                 raise ConfigError(f"unknown backend {backend!r} in the plan")
 
+    def weight_nbytes(self) -> int:
+        """Bytes of every weight representation this layer holds: the packed format (permutation
+        included) plus what its routes added (CUTLASS's metadata and any values it could not share, a
+        dense copy, a cuSPARSELt copy)."""
+        total = self.packed.nbytes(include_perm=True)
+        if self._cutlass_weight is not None:
+            total += self._cutlass_weight.nbytes(count_shared=False)
+        if self._dense_weight is not None:
+            total += self._dense_weight.numel() * self._dense_weight.element_size()
+        if self._cslt_weight is not None:
+            total += self._cslt_weight.numel() * self._cslt_weight.element_size()
+        return total
+
     @property
     def backends(self) -> dict[int, str]:
         return {size: route[0] for size, route in zip(self._bucket_sizes, self._routes)}

@@ -91,8 +91,11 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     # for mode F on the same machine.
     mkdir -p /tmp/stage && cp .stage/a/* /tmp/stage/ 2>/dev/null
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
-    stamp "build the CUDA extension"
-    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5
+    carried_wheels  # nvidia-cutlass: the CUTLASS headers of the prefill kernel
+    stamp "build the CUDA extension and the CUTLASS prefill library"
+    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
+    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -5
+    wait
     stamp "fused-kernel and decoder tests (compiled)"
     timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_fused.py tests/test_decoder.py 2>&1 | tail -6
     for target in llama-7b llama-13b; do
