@@ -146,6 +146,10 @@ class SparseLinear(nn.Module):
                     continue
                 if self._cutlass_weight is None:
                     self._cutlass_weight = cutlass_sp24.CutlassWeight.from_packed(self.packed)
+                    # buffers, so that model-size accounting (parameters + buffers) sees them
+                    self.register_buffer("cutlass_meta", self._cutlass_weight.meta, persistent=False)
+                    if not self._cutlass_weight.shares_values:
+                        self.register_buffer("cutlass_values", self._cutlass_weight.values, persistent=False)
                 self._routes.append(("ours_cutlass", cutlass_sp24.CutlassConfig.from_dict(spec["config"])))
             elif backend == "dense":
                 if self._dense_weight is None:
