@@ -432,7 +432,9 @@ def tune_tokens(bench: ShapeBench, tokens: int, n_sms: int, include_cslt: bool =
             for cfg in cuda_candidates(n, k, tokens, n_sms):
                 res.append(_safe(lambda cfg=cfg: bench.time_cuda(cfg, tokens), "ours_cuda", cfg.label,
                                  cfg.to_dict()))
-    if include_cutlass and tokens >= 64 and cutlass_available():
+    from .cutlass_sp24 import MIN_TOKENS as CUTLASS_MIN_TOKENS
+
+    if include_cutlass and tokens >= CUTLASS_MIN_TOKENS and cutlass_available():  # no build below it
         from .cutlass_sp24 import cutlass_candidates
 
         for cfg in cutlass_candidates(n, k, tokens, bench.weight.dtype):

@@ -307,9 +307,6 @@ class CutlassWeight:
             own += self.values.numel() * self.values.element_size()
         return own
 
-    def clone(self) -> "CutlassWeight":
-        return CutlassWeight(self.values.clone(), self.meta.clone(), self.shape, self.dtype, False)
-
 
 def workspace_bytes(weight: CutlassWeight, config: CutlassConfig, tokens: int) -> int:
     lib = load_library()
