@@ -24,6 +24,7 @@ number.
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 LATENCY_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "phase", "batch", "length",
                    "median_ms", "q1_ms", "q3_ms", "repeats", "tokens_per_s", "cuda_graph", "decoder", "backends", "status"]
 MEMORY_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "batch", "context",
-                  "linear_weight_bytes", "model_weight_bytes", "kv_cache_bytes", "resident_bytes", "max_memory_allocated",
-                  "nvml_used_bytes", "status"]
+                  "linear_weight_bytes", "model_weight_bytes", "kv_cache_bytes", "workspace_bytes", "resident_bytes",
+                  "max_memory_allocated", "nvml_used_bytes", "status"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,14 @@ def _model_bytes(model: Decoder) -> int:
     return total  # packed 2:4 tensors are (non-persistent) buffers of the SparseLinear modules
 
 
+def _workspace_bytes() -> int:
+    try:
+        from esparse_kernels.linear import workspace_nbytes
+    except ImportError:  # the kernels package is absent: nothing was allocated by it
+        return 0
+    return workspace_nbytes()
+
+
 def _backends(model: Decoder) -> str:
     found = set()
     for module in model.modules():
@@ -265,6 +274,7 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
             # the prefill cases' shared decompression scratch is not part of a decode step: drop it so
             # that the decode peak counts what decoding needs (weights, cache, workspaces, activations)
             release_scratch()
+            gc.collect()  # tensors kept only by reference cycles (tuning, earlier cases) must not count
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -288,6 +298,7 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
             graph = True
             memory.append({**base, "batch": batch, "context": length, "linear_weight_bytes": _linear_bytes(model),
                            "model_weight_bytes": _model_bytes(model), "kv_cache_bytes": cache.nbytes,
+                           "workspace_bytes": _workspace_bytes(),
                            "resident_bytes": int(resident),
                            "max_memory_allocated": int(torch.cuda.max_memory_allocated(device)),
                            "nvml_used_bytes": nvml_snapshot(device.index or 0).get("used_bytes"),

@@ -10,7 +10,7 @@ import esparse_kernels.cuda_sp24 as cs
 from esparse.errors import ConfigError
 from esparse_kernels.cuda_sp24 import CudaConfig, cuda_candidates, effective_splits, emulate, smem_bytes
 from esparse_kernels.linear import SparseLinear
-from esparse_kernels.pack import pack_24, random_24_weight, reference_linear, rel_frobenius_error
+from esparse_kernels.pack import meta_to_sm90, pack_24, random_24_weight, reference_linear, rel_frobenius_error
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -27,6 +27,24 @@ def test_emulated_kernel_matches_reference(n, k, tokens, cfg, with_perm, variant
     packed = pack_24(w, mask, perm)
     x = torch.randn(tokens, k, generator=gen).half()
     assert rel_frobenius_error(emulate(x, packed, cfg, variant), reference_linear(x, packed)) < 1e-12
+
+
+@pytest.mark.parametrize("n,k,tokens,cfg", [
+    (80, 320, 2, CudaConfig(2, 2, 4)),   # two row atoms (second partial), 2.5 column atoms, 2 splits
+    (16, 192, 9, CudaConfig(1, 3, 4)),   # one chunk per split: odd chunks start a split
+])
+@pytest.mark.parametrize("variant", [0, 1])
+def test_emulated_kernel_reads_the_sm90_metadata_layout(n, k, tokens, cfg, variant):
+    gen = torch.Generator().manual_seed(n + k)
+    w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen)
+    packed = pack_24(w, mask, perm)
+    x = torch.randn(tokens, k, generator=gen).half()
+    ref = reference_linear(x, packed)
+    e = meta_to_sm90(packed.meta, k)
+    assert rel_frobenius_error(emulate(x, packed, cfg, variant, meta_sm90=e), ref) < 1e-12
+    # a layout the kernel does not read (another weight's metadata) must show
+    other = pack_24(*random_24_weight(n, k, torch.float16, "cpu", gen))
+    assert rel_frobenius_error(emulate(x, packed, cfg, variant, meta_sm90=meta_to_sm90(other.meta, k)), ref) > 0.1
 
 
 def test_emulator_detects_a_wrong_metadata_layout(monkeypatch):
@@ -114,6 +132,26 @@ def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
         cs.sp24_cuda_matmul(x, packed, cfg, ws, out=out)
         assert rel_frobenius_error(out, reference_linear(x, packed)) < tol
     assert int(ws.counters.abs().sum()) == 0
+
+
+@cuda_only
+@pytest.mark.parametrize("cfg,tokens", [(CudaConfig(4, 1, 4), 1), (CudaConfig(1, 3, 8), 7),
+                                        (CudaConfig(8, 2, 4, pre=True), 3),
+                                        (CudaConfig(2, 5, 4, pre=True, direct=True), 16)])
+def test_cuda_kernel_reads_the_sm90_metadata(cfg, tokens):
+    """The layout a layer with the CUTLASS prefill path keeps: the rows meta is then not passed at all."""
+    gen = torch.Generator().manual_seed(tokens + 40)
+    n, k = 1000, 1600  # rows and columns both past a whole atom
+    w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen)
+    packed = pack_24(w, mask, perm).to("cuda")
+    e = meta_to_sm90(packed.meta, k)
+    empty = type(packed)(packed.values, packed.meta[:, :0].clone(), packed.perm, packed.shape)
+    ws = cs.CudaWorkspace(cfg, n, tokens, "cuda", k, torch.float16)
+    for _ in range(2):
+        x = torch.randn(tokens, k, generator=gen).half().cuda()
+        out = torch.full((tokens, n), float("nan"), dtype=torch.float16, device="cuda")
+        cs.sp24_cuda_matmul(x, empty, cfg, ws, out=out, meta_sm90=e)
+        assert rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3
 
 
 @cuda_only

@@ -85,6 +85,7 @@ def test_plan_with_cutlass_runs_the_reference_on_cpu():
     layer = SparseLinear(packed, None, {16: {"backend": "ours_cuda", "config": {}},
                                         2048: {"backend": "ours_cutlass", "config": {"index": 1}}})
     assert layer.backends == {16: "reference", 2048: "reference"}
+    assert layer.meta_layout == "rows" and layer.weight_nbytes() == packed.nbytes()
     x = torch.randn(80, 128, generator=gen).half()
     assert rel_frobenius_error(layer(x), reference_linear(x, packed)) < 1e-3
 
@@ -163,6 +164,58 @@ def test_sparse_linear_routes_prefill_to_cutlass():
     layer = SparseLinear(packed, bias, {16: {"backend": "decompress_dense", "config": {}},
                                         4096: {"backend": "ours_cutlass", "config": {"index": 3}}})
     assert layer.backends[4096] == "ours_cutlass"
+    assert layer.meta_layout == "sm90" and layer.packed.meta.numel() == 0  # one metadata copy
     x = torch.randn(2, 300, 512, generator=gen).bfloat16().cuda()
     ref = reference_linear(x.reshape(-1, 512), packed) + bias
     assert rel_frobenius_error(layer(x).reshape(-1, 256), ref) < 8e-3
+    x = torch.randn(5, 512, generator=gen).bfloat16().cuda()  # decompress_dense, from the sm90 metadata
+    assert rel_frobenius_error(layer(x), reference_linear(x, packed) + bias) < 8e-3
+
+
+@needs_hopper
+@pytest.mark.parametrize("n,k", [(256, 512), (200, 576), (1000, 1600)])
+def test_compressor_metadata_is_pack_meta_in_the_sm90_layout(n, k):
+    """What lets one metadata copy serve both kernels: CUTLASS's compressor writes exactly
+    pack.meta_to_sm90 of pack.py's words (from_packed checks it on every weight; here the whole tensor,
+    padding aside)."""
+    from esparse_kernels.pack import meta_to_sm90, sm90_meta_shape, sm90_word_index
+
+    packed, _ = _layer_case(n, k, torch.float16, seed=n)
+    weight = ct.CutlassWeight.from_packed(packed)
+    ours = meta_to_sm90(packed.meta, k)
+    rows_aligned, _ = sm90_meta_shape(n, k)
+    index = sm90_word_index(torch.arange(n, device="cuda").unsqueeze(1),
+                            torch.arange(k // 16, device="cuda").unsqueeze(0), rows_aligned).reshape(-1)
+    assert weight.meta.numel() >= ours.numel()
+    assert torch.equal(weight.meta.view(torch.int16)[index], ours.view(torch.int16)[index])
+
+
+@needs_hopper
+def test_decode_and_prefill_layer_keeps_one_metadata_copy():
+    """The issue-6 layer: CUDA decode kernel for few tokens, CUTLASS for many, 0.5625 of the dense bytes
+    (+ the permutation), both paths exact, captured in one CUDA graph."""
+    n, k = 1024, 2048
+    packed, gen = _layer_case(n, k, torch.float16, seed=3)
+    layer = SparseLinear(packed, None, {16: {"backend": "ours_cuda", "config": {"warps": 4, "split_k": 2}},
+                                        4096: {"backend": "ours_cutlass", "config": {"index": 0}}})
+    assert layer.backends == {16: "ours_cuda", 4096: "ours_cutlass"} and layer.meta_layout == "sm90"
+    assert layer.weight_nbytes() == n * k * 2 * 9 // 16 + k * 4
+    xs = [torch.randn(t, k, generator=gen).half().cuda() for t in (1, 16, 300)]
+    for x in xs:
+        assert rel_frobenius_error(layer(x), reference_linear(x, packed)) < 1e-3
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        [layer(x) for x in xs]
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        outs = [layer(x) for x in xs]
+    for x in xs:
+        x.copy_(torch.randn(x.shape, generator=gen).half())
+    for o in outs:
+        o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, o in zip(xs, outs):
+        assert rel_frobenius_error(o, reference_linear(x, packed)) < 1e-3

@@ -117,3 +117,70 @@ def test_reference_linear_matches_dense_and_error_metric():
     nan_out = ref.clone()
     nan_out[0, 0] = float("nan")
     assert rel_frobenius_error(nan_out, ref) == float("inf")
+
+
+# -- Hopper metadata layout (one copy shared by the CUTLASS prefill GEMM and the CUDA decode kernel) --
+
+from esparse_kernels.pack import (  # noqa: E402
+    SM90_PAD_WORD,
+    meta_from_sm90,
+    meta_to_sm90,
+    sm90_meta_shape,
+    sm90_word_index,
+)
+
+
+def test_sm90_word_index_matches_cutlass_atom_by_hand():
+    """Offsets worked out from Sm90GemmSparseConfig::TensorEAtom_16bit (make_ordered_layout of
+    ((8,2,4),(16,2,4)) with steps ((3,1,5),(0,4,2)): strides in logical elements ((128,16,2048),
+    (1,1024,32)), 16 logical elements per 16-bit word)."""
+    def at(row, word, rows_aligned=128):
+        return int(sm90_word_index(torch.tensor(row), torch.tensor(word), rows_aligned))
+
+    assert at(0, 0) == 0
+    assert at(8, 0) == 1        # rows r and r + 8 share a 32-bit pair
+    assert at(0, 2) == 2        # words 0, 2, 4, 6 of a row: stride 32 elements = 2 words
+    assert at(1, 0) == 8        # next row: 128 elements
+    assert at(0, 1) == 64       # odd words: 1024 elements
+    assert at(16, 0) == 128     # rows 16..63 in steps of 16: 2048 elements
+    assert at(64, 0) == 512     # next atom along the rows (1 KiB)
+    assert at(0, 8) == 128 * 8  # next atom along the columns: rows_aligned * 128 / 16
+    assert at(63, 7) == 1 + 6 + 56 + 64 + 384
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 200), words=st.integers(1, 40))
+def test_sm90_word_index_is_a_bijection_onto_the_padded_tensor(rows, words):
+    rows_aligned, cols_aligned = sm90_meta_shape(rows, 16 * words)
+    r = torch.arange(rows_aligned).unsqueeze(1)
+    w = torch.arange(cols_aligned // 16).unsqueeze(0)
+    index = sm90_word_index(r, w, rows_aligned).reshape(-1)
+    assert torch.equal(index.sort().values, torch.arange(rows_aligned * cols_aligned // 16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 150), words=st.integers(1, 20), drop=st.sampled_from([0.0, 0.5]))
+def test_sm90_meta_round_trip_and_padding(seed, n, words, drop):
+    k = 16 * words  # K % 32 == 16 too: the last int32 word then has an unused (zero) high half
+    weight, mask, perm = _random_case(seed, n, k // 4, torch.float16, True, drop)
+    packed = pack_24(weight, mask, perm)
+    e = meta_to_sm90(packed.meta, k)
+    rows_aligned, cols_aligned = sm90_meta_shape(n, k)
+    assert e.dtype == torch.uint8 and e.numel() == rows_aligned * cols_aligned // 8
+    assert torch.equal(meta_from_sm90(e, n, k), packed.meta)
+    # every word outside the weight is the padding code, every word inside one of the row's words
+    index = sm90_word_index(torch.arange(n).unsqueeze(1), torch.arange(words).unsqueeze(0), rows_aligned)
+    halves = e.view(torch.int16).to(torch.int64) & 0xFFFF
+    outside = torch.ones(halves.numel(), dtype=torch.bool)
+    outside[index.reshape(-1)] = False
+    assert bool((halves[outside] == SM90_PAD_WORD).all())
+
+
+def test_sm90_meta_rejects_bad_shapes():
+    packed = pack_24(*random_24_weight(8, 40, torch.float16, "cpu", torch.Generator().manual_seed(0)))
+    with pytest.raises(ConfigError, match="in_features % 16"):
+        meta_to_sm90(packed.meta, 40)
+    with pytest.raises(ConfigError, match="int32"):
+        meta_to_sm90(packed.meta.to(torch.int64), 40)
+    with pytest.raises(ConfigError, match="at least"):
+        meta_from_sm90(torch.zeros(10, dtype=torch.uint8), 8, 64)

@@ -73,6 +73,19 @@ def test_decompress_is_exact(gen, dtype):
     assert torch.equal(out, unpack_24_permuted(packed))
 
 
+@pytest.mark.parametrize("n,k,block_kh", [(40, 160, 16), (80, 288, 32), (130, 192, 64)])
+def test_decompress_reads_the_sm90_metadata(gen, n, k, block_kh):
+    """The layout a layer holding the CUTLASS prefill path keeps (rows and column atoms crossed, tails)."""
+    from esparse_kernels.pack import meta_to_sm90
+
+    w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen)
+    packed = pack_24(w, mask, perm)
+    empty = type(packed)(packed.values, packed.meta[:, :0].clone(), packed.perm, packed.shape)
+    out = torch.full((n, k), float("nan"), dtype=torch.float16)
+    sp24.sp24_decompress(empty, out=out, block_n=16, block_kh=block_kh, meta_sm90=meta_to_sm90(packed.meta, k))
+    assert torch.equal(out, unpack_24_permuted(packed))
+
+
 def test_config_validation():
     from esparse.errors import ConfigError
 

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from esparse.errors import ConfigError
+
 from . import cslt
 from .pack import Packed24, pack_24, random_24_weight, rel_frobenius_error, unpack_24_permuted
 from .timing import MAX_SETS, Timing, l2_bytes, rotation_sets, time_calls
@@ -126,6 +128,10 @@ class ShapeBench:
     reps: int = 20
     max_sets: int = MAX_SETS
     check: bool = True
+    # metadata layout the decode kernel and the decompression read: "sm90" (CUTLASS's, what a layer
+    # holding the CUTLASS prefill route keeps as its only copy), "rows" (pack.py's), or "auto" (sm90
+    # where the CUTLASS library runs this shape, else rows)
+    meta_layout: str = "auto"
     _copies: dict = field(default_factory=dict)
     _dense_perm: torch.Tensor | None = None
     _ref_cache: dict = field(default_factory=dict)
@@ -168,6 +174,11 @@ class ShapeBench:
                 lst.append(Packed24(src.values, src.meta, None, src.shape))
             elif kind == "cslt":
                 lst.append(cslt.compress(self.dense_perm()) if not lst else lst[0].clone())
+            elif kind == "meta_sm90":  # the metadata of the packed copy of the same index, sm90 layout
+                from .pack import meta_to_sm90
+
+                packed = self._weight_copies("packed", len(lst) + 1)[len(lst)]
+                lst.append(meta_to_sm90(packed.meta, packed.in_features))
             elif kind == "cutlass":  # values shared with the packed copy of the same index
                 from .cutlass_sp24 import CutlassWeight
 
@@ -181,6 +192,20 @@ class ShapeBench:
         self._copies.clear()
         self._ref_cache.clear()
         self._dense_perm = None
+
+    def uses_sm90_meta(self) -> bool:
+        if self.meta_layout not in ("auto", "sm90", "rows"):
+            raise ConfigError(f"meta_layout {self.meta_layout!r} must be 'auto', 'sm90' or 'rows'")
+        if self.meta_layout != "auto":
+            return self.meta_layout == "sm90"
+        from . import cutlass_sp24
+
+        n, k = self.shape
+        return cutlass_sp24.supports_shape(n, k, self.weight.dtype) and cutlass_sp24.available()
+
+    def _meta_copies(self, count: int) -> list:
+        """Per rotation copy: its sm90 metadata, or None (the packed copy's own rows metadata)."""
+        return self._weight_copies("meta_sm90", count) if self.uses_sm90_meta() else [None] * count
 
     def _inputs(self, tokens: int, count: int, rows: int | None = None) -> list[torch.Tensor]:
         n, k = self.shape
@@ -256,7 +281,9 @@ class ShapeBench:
         xs = self._inputs(tokens, sets)
         outs = [torch.empty(tokens, n, dtype=self.weight.dtype, device=self.device) for _ in range(sets)]
         ws = CudaWorkspace(config, n, tokens, self.device, k, self.weight.dtype)
-        calls = [(lambda x=x, p=p, o=o: sp24_cuda_matmul(x, p, config, ws, out=o)) for x, p, o in zip(xs, ps, outs)]
+        metas = self._meta_copies(sets)
+        calls = [(lambda x=x, p=p, o=o, e=e: sp24_cuda_matmul(x, p, config, ws, out=o, meta_sm90=e))
+                 for x, p, o, e in zip(xs, ps, outs, metas)]
         err = None
         if self.check:
             errs = []
@@ -270,7 +297,8 @@ class ShapeBench:
         if self.check and int(ws.counters.abs().sum()) != 0:
             err = float("inf")
         backend = "ours_cuda" if with_perm else "ours_cuda_noperm"
-        return Measurement(backend, config.to_dict(), config.label, timing, err, set_bytes=set_bytes)
+        recorded = {**config.to_dict(), "meta_layout": "sm90" if metas[0] is not None else "rows"}
+        return Measurement(backend, recorded, config.label, timing, err, set_bytes=set_bytes)
 
     def time_cutlass(self, config, tokens: int, reps: int | None = None, with_perm: bool = True) -> Measurement:
         from .cutlass_sp24 import sp24_cutlass_matmul, workspace_bytes
@@ -308,23 +336,24 @@ class ShapeBench:
         scratch = torch.empty(n, k, dtype=self.weight.dtype, device=self.device)
         xp = torch.empty(tokens, k, dtype=self.weight.dtype, device=self.device)
 
-        def call(x, p, o):
-            sp24_decompress(p, out=scratch)
+        def call(x, p, o, e):
+            sp24_decompress(p, out=scratch, meta_sm90=e)
             src = x
             if p.perm is not None:
                 torch.index_select(x, 1, p.perm, out=xp)
                 src = xp
             torch.mm(src, scratch.t(), out=o)
 
-        calls = [(lambda x=x, p=p, o=o: call(x, p, o)) for x, p, o in zip(xs, ps, outs)]
+        metas = self._meta_copies(sets)
+        calls = [(lambda x=x, p=p, o=o, e=e: call(x, p, o, e)) for x, p, o, e in zip(xs, ps, outs, metas)]
         err = None
         if self.check:
             outs[0].fill_(float("nan"))
             calls[0]()
             err = rel_frobenius_error(outs[0], self._reference(xs[0]))
         timing = time_calls(calls, reps or self.reps)
-        return Measurement("decompress_dense", {"decompress": "triton", "gemm": "cublas"}, "decompress+cublas",
-                           timing, err, set_bytes=set_bytes)
+        config = {"decompress": "triton", "gemm": "cublas", "meta_layout": "sm90" if metas[0] is not None else "rows"}
+        return Measurement("decompress_dense", config, "decompress+cublas", timing, err, set_bytes=set_bytes)
 
     def time_cslt(self, tokens: int, alg_id: int, split_k: int = 1, reps: int | None = None,
                   with_perm: bool = True) -> Measurement:
@@ -419,6 +448,8 @@ def tune_tokens(bench: ShapeBench, tokens: int, n_sms: int, include_cslt: bool =
     """Time every candidate for one token count; returns all measurements (failed ones with .error)."""
     n, k = bench.shape
     res: list[Measurement] = _Recorder(on_result)
+    if bench.meta_layout == "auto" and not include_cutlass:
+        bench.meta_layout = "rows"  # no CUTLASS route, so the layers keep pack.py's metadata
     if include_dense:
         res.append(_safe(lambda: bench.time_dense(tokens), "dense", "cublas", {}))
     has_perm = bench.packed.perm is not None

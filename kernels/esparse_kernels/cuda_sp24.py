@@ -31,7 +31,7 @@ import torch
 
 from esparse.errors import ConfigError
 
-from .pack import Packed24
+from .pack import Packed24, sm90_meta_shape
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("sp24_binding.cpp", "sp24_mma.cu")
@@ -168,9 +168,11 @@ class CudaWorkspace:
 
 
 def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, workspace: CudaWorkspace,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, meta_sm90: torch.Tensor | None = None) -> torch.Tensor:
     """out[T, N] = x[T, K] @ W^T (permutation included) with the CUDA decode kernel; 1 <= T <= 16.
 
+    ``meta_sm90``: the metadata in CUTLASS's sm90 layout (pack.meta_to_sm90), read instead of
+    ``packed.meta`` (which may then be empty): the layout a layer holding the CUTLASS prefill path keeps.
     No host synchronisation; allocates only `out` when it is not given (caching allocator).
     """
     ext = load_extension()
@@ -185,8 +187,11 @@ def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, work
         if xfrag is None or xfrag.dtype != x.dtype:
             raise ConfigError(f"{config.label} needs a workspace built for it with dtype {x.dtype}")
         ext.sp24_stage(x, packed.perm, xfrag)
-    ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, workspace.partials, workspace.counters,
-                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag, config.direct)
+    meta, rows_aligned = packed.meta, 0
+    if meta_sm90 is not None:
+        meta, rows_aligned = meta_sm90, sm90_meta_shape(packed.out_features, packed.in_features)[0]
+    ext.sp24_mma(x, packed.perm, packed.values, meta, out, workspace.partials, workspace.counters,
+                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag, config.direct, rows_aligned)
     return out
 
 
@@ -201,7 +206,7 @@ def _check_variant(ext, variant: int, device) -> bool:
         out = torch.full((tokens, 80), float("nan"), dtype=torch.float16, device=device)
         ws = torch.empty(split * tokens * 80, dtype=torch.float32, device=device)
         cnt = torch.zeros(8, dtype=torch.int32, device=device)
-        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None, False)
+        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None, False, 0)
         if not rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3:
             return False
     return True
@@ -308,15 +313,21 @@ def _mma_sp_reference(a_regs, b_regs, e_regs, variant: int) -> torch.Tensor:
     return dense @ bmat
 
 
-def emulate(x: torch.Tensor, packed: Packed24, config: CudaConfig, variant: int = 0) -> torch.Tensor:
+def emulate(x: torch.Tensor, packed: Packed24, config: CudaConfig, variant: int = 0,
+            meta_sm90: torch.Tensor | None = None) -> torch.Tensor:
     """out[T, N] computed by replaying the kernel's loads, staging, metadata shifts and MMAs (slow;
-    small shapes only). Mirrors csrc/sp24_mma.cu step for step, in float64."""
+    small shapes only). Mirrors csrc/sp24_mma.cu step for step, in float64; with ``meta_sm90`` the
+    metadata comes from that layout through the kernel's sm90 loads and byte permutes."""
     n, k = packed.shape
     t_count = x.shape[0]
     if k % CHUNK or not 1 <= t_count <= MAX_TOKENS:
         raise ConfigError("emulate needs K % 64 == 0 and 1..16 tokens")
     vals = packed.values.to(torch.float64).cpu()
     meta = packed.meta.cpu().to(torch.int64) & 0xFFFFFFFF
+    e32 = None
+    if meta_sm90 is not None:
+        e32 = meta_sm90.cpu().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        kstride = sm90_meta_shape(n, k)[0] * 4
     perm = None if packed.perm is None else packed.perm.cpu().to(torch.int64)
     xd = x.to(torch.float64).cpu()
     nchunks = k // CHUNK
@@ -358,8 +369,19 @@ def emulate(x: torch.Tensor, packed: Packed24, config: CudaConfig, variant: int 
                         sx, sy = (0, 4) if variant == 1 else (4 * h, 4 * h)
                         va = vals[ra, 32 * chunk + 8 * tig: 32 * chunk + 8 * tig + 8].view(4, 2)
                         vb = vals[rb, 32 * chunk + 8 * tig: 32 * chunk + 8 * tig + 8].view(4, 2)
-                        x0, x1 = _meta_bytes(int(meta[rx, 2 * chunk]), int(meta[rx, 2 * chunk + 1]), sx)
-                        y0, y1 = _meta_bytes(int(meta[ry, 2 * chunk]), int(meta[ry, 2 * chunk + 1]), sy)
+                        if e32 is None:
+                            w0 = (int(meta[rx, 2 * chunk]), int(meta[rx, 2 * chunk + 1]))
+                            w1 = (int(meta[ry, 2 * chunk]), int(meta[ry, 2 * chunk + 1]))
+                        else:  # the kernel's sm90 loads: two 8-byte loads, then byte permutes
+                            q = (row0 >> 6) * 256 + ((row0 & 63) >> 4) * 64 + gid * 4 + (chunk >> 1) * kstride \
+                                + (chunk & 1) * 2
+                            ex, ey = (int(e32[q]), int(e32[q + 1])), (int(e32[q + 32]), int(e32[q + 33]))
+                            lo = (_prmt(ex[0], ey[0], 0x5410), _prmt(ex[1], ey[1], 0x5410))
+                            hi = (_prmt(ex[0], ey[0], 0x7632), _prmt(ex[1], ey[1], 0x7632))
+                            w0 = (hi if h else lo) if variant == 1 else lo
+                            w1 = w0 if variant == 1 else hi
+                        x0, x1 = _meta_bytes(w0[0], w0[1], sx)
+                        y0, y1 = _meta_bytes(w1[0], w1[1], sy)
                         lx, ly = _prmt(x0, x1, 0x5140), _prmt(y0, y1, 0x5140)
                         e_lane.append((_prmt(lx, ly, 0x5410), _prmt(lx, ly, 0x7632)))
                         a_lane.append((va, vb))

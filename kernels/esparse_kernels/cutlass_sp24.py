@@ -18,7 +18,9 @@ sm_90a code runs there only). ``$ESPARSE_CUTLASS_LIB`` names a prebuilt library 
 Weight layout: CUTLASS's compressor turns the masked dense weight (permuted column order) into its
 compressed values and its own metadata layout. The compressed values are the kept values in column
 order, which is exactly pack.py's ``values`` when no padding is needed, so ``CutlassWeight`` then
-shares that tensor and adds only CUTLASS's metadata (1/16 of the dense bytes).
+shares that tensor and adds only CUTLASS's metadata (1/16 of the dense bytes). That metadata is
+pack.py's 16-bit words in another order (``pack.meta_to_sm90``, checked on every weight), which the
+CUDA decode kernel and the Triton decompression also read, so a layer can keep it as its only copy.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 from esparse.errors import ConfigError
 
-from .pack import Packed24, unpack_24_permuted
+from .pack import Packed24, meta_from_sm90, unpack_24_permuted
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "sp24_sm90_cutlass.cu"
@@ -55,9 +57,10 @@ def unit_defines(unit: int) -> list[str]:
     return [f"-DESP_UNIT={unit}", f"-DESP_DTYPE={unit // 100}", f"-DESP_CONFIG={unit % 100}"]
 NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
               "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC")
-# Below this many tokens the tiles (128 or more tokens wide) run mostly empty; the decode kernel
-# covers those buckets.
-MIN_TOKENS = 64
+# The tiles are 128 tokens wide, so at few tokens they run mostly empty; but a call is memory-bound
+# up to some hundred tokens even so, and stream-K spreads a few tiles over every SM, so the tuner times
+# CUTLASS from 16 tokens (the decode kernel's largest bucket; below it that kernel wins).
+MIN_TOKENS = 16
 RETURN_CODES = {1: "bad dtype or configuration", 2: "workspace too small", 3: "shape not supported",
                 4: "initialisation failed", 5: "launch failed"}
 
@@ -296,6 +299,9 @@ class CutlassWeight:
         if not torch.equal(values[:n, : k // 2], kept):
             raise ConfigError(f"CUTLASS's compressed values of the {n}x{k} weight are not the packed format's "
                               "kept values in column order: the compressor's layout changed")
+        if not torch.equal(meta_from_sm90(meta, n, k), packed.meta):
+            raise ConfigError(f"CUTLASS's metadata of the {n}x{k} weight is not pack.meta_to_sm90 of the packed "
+                              "metadata: the compressor's layout changed, and the decode kernel could not share it")
         shares = values.shape == packed.values.shape
         if not shares:  # padded to the tile: keep CUTLASS's copy, with the placeholders zeroed again
             values[:n, : k // 2].masked_fill_(kept.ne(packed.values), 0)

@@ -7,12 +7,17 @@ caching allocator, which CUDA-graph capture supports, and whole models can be ca
 
 Backends: ``ours`` (Triton kernels), ``ours_cuda`` (the CUDA decode kernel on sparse tensor cores,
 1-16 tokens; token counts beyond its bucket fall back to ``decompress_dense``), ``ours_cutlass``
-(CUTLASS's Hopper sparse GEMM for prefill; it shares the packed values and adds CUTLASS's metadata,
+(CUTLASS's Hopper sparse GEMM for prefill; it shares the packed values and brings CUTLASS's metadata,
 1/16 of the dense bytes, made once at construction), ``dense`` (cuBLAS on
 a dense copy of the masked weight: only kept when the plan picks dense somewhere and ``allow_dense``
 is true, and it costs the dense weight's memory), ``cusparselt`` (compressed copy made at
 construction), ``decompress_dense`` (Triton decompress into a scratch buffer shared by all layers of
 one shape, then cuBLAS) and ``reference`` (plain PyTorch; used on CPU and for CPU-reference plans).
+
+Metadata: when a layer holds the CUTLASS route and none of its routes needs pack.py's row-major
+metadata (the Triton ``ours`` kernels and ``reference`` do), it keeps CUTLASS's sm90 layout as its only
+copy: ``ours_cuda`` and ``decompress_dense`` read that layout too, so the layer stores values + 1/16,
+0.5625 of the dense bytes (``meta_layout`` says which layout it holds).
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ def _shared_workspace(make, *key):
     if workspace is None:
         workspace = _WORKSPACES[key] = make()
     return workspace
+
+
+def workspace_nbytes() -> int:
+    """Bytes held by the shared split-K workspaces (every live shape, bucket and configuration)."""
+    return sum(t.numel() * t.element_size() for ws in _WORKSPACES.values() for t in vars(ws).values()
+               if isinstance(t, torch.Tensor))
 
 
 def release_scratch() -> None:
@@ -85,7 +96,9 @@ class SparseLinear(nn.Module):
         self._dense_weight = None
         self._cslt_weight = None
         self._cutlass_weight = None
+        self.meta_sm90: torch.Tensor | None = None
         self._build_routes()
+        self._share_metadata()
 
     # -- construction -------------------------------------------------------------------------
     def _spec(self, entry: dict) -> dict:
@@ -165,6 +178,19 @@ class SparseLinear(nn.Module):
             else:
                 raise ConfigError(f"unknown backend {backend!r} in the plan")
 
+    def _share_metadata(self) -> None:
+        """Keep one metadata copy: CUTLASS's sm90 layout, when every route here can read it."""
+        if self._cutlass_weight is None or any(route[0] in ("ours", "reference") for route in self._routes):
+            return
+        self.meta_sm90 = self._cutlass_weight.meta
+        empty = torch.empty((self.out_features, 0), dtype=torch.int32, device=self.values.device)
+        self.packed = Packed24(self.packed.values, empty, self.packed.perm, self.packed.shape)
+        self.register_buffer("meta", empty, persistent=False)
+
+    @property
+    def meta_layout(self) -> str:
+        return "rows" if self.meta_sm90 is None else "sm90"
+
     def weight_nbytes(self) -> int:
         """Bytes of every weight representation this layer holds: the packed format (permutation
         included) plus what its routes added (CUTLASS's metadata and any values it could not share, a
@@ -184,7 +210,7 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"permuted={self.perm is not None}, backends={self.backends}")
+                f"permuted={self.perm is not None}, backends={self.backends}, meta_layout={self.meta_layout}")
 
     # -- forward ------------------------------------------------------------------------------
     def _route(self, tokens: int):
@@ -226,7 +252,7 @@ class SparseLinear(nn.Module):
         elif kind == "ours_cuda" and t <= route[3]:
             from .cuda_sp24 import sp24_cuda_matmul
 
-            y = sp24_cuda_matmul(x2, self.packed, route[1], route[2])
+            y = sp24_cuda_matmul(x2, self.packed, route[1], route[2], meta_sm90=self.meta_sm90)
         elif kind == "ours_cutlass":
             from .cutlass_sp24 import sp24_cutlass_matmul, workspace_bytes
 
@@ -253,7 +279,7 @@ class SparseLinear(nn.Module):
             from .triton_sp24 import sp24_decompress
 
             dense = _scratch("dense_w", (self.out_features, self.in_features), x2.dtype, x2.device)
-            sp24_decompress(self.packed, out=dense)
+            sp24_decompress(self.packed, out=dense, meta_sm90=self.meta_sm90)
             src = self._permuted_input(x2, t)[:t] if self.packed.perm is not None else x2
             y = torch.mm(src, dense.t())
         else:  # reference: exact PyTorch arithmetic in float32

@@ -219,6 +219,71 @@ def unpack_24(packed: Packed24) -> torch.Tensor:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Hopper metadata layout. CUTLASS's sm90 sparse GEMM (cutlass_sp24) reads the same 4-bit group codes
+# as pack.py, but stores each row's 16-bit words (16 permuted columns, 4 groups) in the order of its
+# tensor-E atom: Sm90GemmSparseConfig's TensorEAtom_16bit with tile K 128, i.e. 64 rows x 128
+# columns per 1 KiB atom, ordered ((8, 2, 4) rows : (8, 1, 128) words, (2, 4) words : (64, 2) words),
+# atoms along the rows first (stride 512 words), then along the columns (stride rows_aligned * 8).
+# Every 32-bit pair in it holds one word of rows r and r + 8, which is what the warp-level mma.sp
+# operand wants, so the CUDA decode kernel reads this layout as well: a layer holding both kernels
+# then keeps one copy of the metadata (1/16 of the dense bytes), not two.
+
+SM90_ATOM_ROWS = 64
+SM90_ATOM_COLS = 128
+SM90_PAD_WORD = 0x4444  # positions (0, 1) in every group: valid codes for the padding rows and columns
+
+
+def sm90_meta_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """(rows, columns) the sm90 metadata covers: both rounded up to the atom."""
+    return (-(-out_features // SM90_ATOM_ROWS) * SM90_ATOM_ROWS, -(-in_features // SM90_ATOM_COLS) * SM90_ATOM_COLS)
+
+
+def sm90_word_index(rows: torch.Tensor, words: torch.Tensor, rows_aligned: int) -> torch.Tensor:
+    """Offset, in 16-bit words, of metadata word ``words`` (columns 16*words .. 16*words + 15) of row
+    ``rows`` in the sm90 layout (broadcasting integer tensors)."""
+    atom_m, m = rows // SM90_ATOM_ROWS, rows % SM90_ATOM_ROWS
+    atom_k, j = words // 8, words % 8
+    return ((m // 8) % 2 + 2 * (j // 2) + 8 * (m % 8) + 64 * (j % 2) + 128 * (m // 16)
+            + 512 * atom_m + atom_k * (rows_aligned * 8))
+
+
+def _sm90_index(out_features: int, in_features: int, device) -> tuple[torch.Tensor, int, int]:
+    if in_features % 16:
+        raise ConfigError(f"the sm90 metadata layout needs in_features % 16 == 0, got {in_features}")
+    rows_aligned, cols_aligned = sm90_meta_shape(out_features, in_features)
+    rows = torch.arange(out_features, device=device).unsqueeze(1)
+    words = torch.arange(in_features // 16, device=device).unsqueeze(0)
+    return sm90_word_index(rows, words, rows_aligned), rows_aligned, cols_aligned
+
+
+def meta_to_sm90(meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """pack.py's int32 meta [N, ceil(K/32)] in the sm90 layout: uint8 [rows_aligned * cols_aligned / 8]
+    on meta's device (padding words are SM90_PAD_WORD)."""
+    n = meta.shape[0]
+    if meta.dtype != torch.int32 or meta.shape != (n, meta_words(in_features)):
+        raise ConfigError(f"meta must be int32 {(n, meta_words(in_features))}, got {meta.dtype} {tuple(meta.shape)}")
+    index, rows_aligned, cols_aligned = _sm90_index(n, in_features, meta.device)
+    halves = meta.contiguous().view(torch.int16)[:, : in_features // 16]
+    pad = SM90_PAD_WORD - 65536 if SM90_PAD_WORD >= 32768 else SM90_PAD_WORD
+    out = torch.full((rows_aligned * cols_aligned // 16,), pad, dtype=torch.int16, device=meta.device)
+    out[index.reshape(-1)] = halves.reshape(-1)
+    return out.view(torch.uint8)
+
+
+def meta_from_sm90(meta_sm90: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of meta_to_sm90: pack.py's int32 meta [N, ceil(K/32)] (unused high halves zero)."""
+    index, rows_aligned, cols_aligned = _sm90_index(out_features, in_features, meta_sm90.device)
+    if meta_sm90.dtype != torch.uint8 or meta_sm90.numel() < rows_aligned * cols_aligned // 8:
+        raise ConfigError(f"sm90 metadata of a {out_features}x{in_features} weight must be uint8 with at least "
+                          f"{rows_aligned * cols_aligned // 8} bytes, got {meta_sm90.dtype} {meta_sm90.numel()}")
+    halves = meta_sm90.contiguous().view(torch.int16)[index]
+    words = 2 * meta_words(in_features)
+    if words > halves.shape[1]:
+        halves = torch.cat([halves, halves.new_zeros(out_features, words - halves.shape[1])], dim=1)
+    return halves.contiguous().view(torch.int32)
+
+
 def reference_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (W*mask)^T computed in float64 on x's device; the oracle for every kernel."""
     dense = unpack_24(packed).to(device=x.device, dtype=torch.float64)

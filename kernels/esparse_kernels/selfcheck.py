@@ -108,8 +108,10 @@ def cuda_cases(dtype: torch.dtype):
 
 
 def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 3) -> dict:
-    """The CUDA decode kernel (cuda_sp24) against the reference; same rules as ``run``."""
+    """The CUDA decode kernel (cuda_sp24) against the reference; same rules as ``run``. Permuted cases
+    run with the metadata in both layouts the kernel reads (pack.py's rows and CUTLASS's sm90)."""
     from .cuda_sp24 import CudaWorkspace, meta_variant, sp24_cuda_matmul
+    from .pack import meta_to_sm90
 
     results, failures = [], []
     gen = torch.Generator().manual_seed(4321)
@@ -117,26 +119,28 @@ def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repea
     variant = meta_variant()
     for dtype in dtypes:
         for (n, k), cfg, t in cuda_cases(dtype):
-            for with_perm in (True, False):
+            for with_perm, layout in ((True, "rows"), (True, "sm90"), (False, "rows")):
                 key = (n, k, dtype, with_perm)
                 if key not in packed_cache:
                     w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen, with_perm=with_perm)
-                    packed_cache[key] = pack_24(w, mask, perm).to(device)
-                packed = packed_cache[key]
+                    packed = pack_24(w, mask, perm).to(device)
+                    packed_cache[key] = (packed, meta_to_sm90(packed.meta, k))
+                packed, meta_sm90 = packed_cache[key]
                 x = torch.randn(t, k, generator=gen).to(dtype).to(device)
                 ref = reference_linear(x, packed)
                 ws = CudaWorkspace(cfg, n, t, device, k, dtype)
                 outs = []
                 for _ in range(repeats):
                     out = torch.full((t, n), float("nan"), dtype=dtype, device=device)
-                    sp24_cuda_matmul(x, packed, cfg, ws, out=out)
+                    sp24_cuda_matmul(x, packed, cfg, ws, out=out, meta_sm90=meta_sm90 if layout == "sm90" else None)
                     outs.append(out)
                 torch.cuda.synchronize()
                 err = max(rel_frobenius_error(o, ref) for o in outs)
                 stable = all(torch.equal(outs[0], o) for o in outs[1:])
                 counters_zero = int(ws.counters.abs().sum()) == 0
                 tol = TOL if dtype == torch.float16 else 8 * TOL
-                rec = {"case": f"cuda {cfg.label} {n}x{k} T={t} perm={int(with_perm)} {dtype}", "rel_err": err,
+                rec = {"case": f"cuda {cfg.label} {n}x{k} T={t} perm={int(with_perm)} meta={layout} {dtype}",
+                       "rel_err": err,
                        "stable": stable, "counters_zero": counters_zero, "tol": tol}
                 results.append(rec)
                 if not (err < tol and stable and counters_zero):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from esparse.errors import ConfigError
 
-from .pack import Packed24
+from .pack import Packed24, meta_words, sm90_meta_shape
 
 GEMV_MAX_TOKENS = 8
 
@@ -54,9 +54,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
+def _sm90_word_offset(rows, words, M_AL):
+    """pack.sm90_word_index: offset of 16-bit metadata word `words` of row `rows` in the sm90 layout."""
+    m = rows % 64
+    j = words % 8
+    return ((m // 8) % 2 + 2 * (j // 2) + 8 * (m % 8) + 64 * (j % 2) + 128 * (m // 16) + 512 * (rows // 64)
+            + (words // 8) * (M_AL * 8))
+
+
+@triton.jit
 def _decode_tile(vals_ptr, meta_ptr, rows, row_ok, kv0, KH, KW, stride_v, stride_m,
-                 BN: tl.constexpr, BKH: tl.constexpr):
-    """Dense [BN, 2*BKH] tile of the permuted weight whose first value column is kv0 (kv0 % 16 == 0)."""
+                 BN: tl.constexpr, BKH: tl.constexpr, META_SM90: tl.constexpr, M_AL):
+    """Dense [BN, 2*BKH] tile of the permuted weight whose first value column is kv0 (kv0 % 16 == 0).
+    META_SM90: meta_ptr is int16 metadata in the sm90 layout (pack.meta_to_sm90) with M_AL rows."""
     G: tl.constexpr = BKH // 2
     W: tl.constexpr = BKH // 16
     vcols = kv0 + tl.arange(0, BKH)
@@ -64,8 +74,14 @@ def _decode_tile(vals_ptr, meta_ptr, rows, row_ok, kv0, KH, KW, stride_v, stride
                    mask=row_ok[:, None] & (vcols < KH)[None, :], other=0.0)
     v0, v1 = tl.split(tl.reshape(vals, (BN, G, 2)))
     wcols = kv0 // 16 + tl.arange(0, W)
-    words = tl.load(meta_ptr + rows[:, None] * stride_m + wcols[None, :],
-                    mask=row_ok[:, None] & (wcols < KW)[None, :], other=0)
+    word_ok = row_ok[:, None] & (wcols < KW)[None, :]
+    if META_SM90:  # an int32 word of the rows layout is 16-bit words 2w and 2w + 1 there
+        lo = tl.load(meta_ptr + _sm90_word_offset(rows[:, None], 2 * wcols[None, :], M_AL), mask=word_ok, other=0)
+        hi = tl.load(meta_ptr + _sm90_word_offset(rows[:, None], 2 * wcols[None, :] + 1, M_AL), mask=word_ok,
+                     other=0)
+        words = (lo.to(tl.int32) & 0xFFFF) | ((hi.to(tl.int32) & 0xFFFF) << 16)
+    else:
+        words = tl.load(meta_ptr + rows[:, None] * stride_m + wcols[None, :], mask=word_ok, other=0)
     shifts = tl.arange(0, 8) * 4
     nib = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, (BN, G))
     i0 = nib & 3
@@ -258,7 +274,7 @@ def _sp24_dot_kernel(x_ptr, perm_ptr, vals_ptr, meta_ptr, out_ptr, ws_ptr, cnt_p
     # the same trip count for every split; steps past KH load nothing (masked)
     for step in range(0, kv_per_split // BKH):
         kv0 = kv_begin + step * BKH
-        w = _decode_tile(vals_ptr, meta_ptr, rows, row_ok, kv0, KH, KW, stride_v, stride_m, BN, BKH)
+        w = _decode_tile(vals_ptr, meta_ptr, rows, row_ok, kv0, KH, KW, stride_v, stride_m, BN, BKH, False, 0)
         cols = 2 * kv0 + tl.arange(0, BK)
         col_ok = cols < K
         if HAS_PERM:
@@ -292,15 +308,15 @@ def _sp24_dot_kernel(x_ptr, perm_ptr, vals_ptr, meta_ptr, out_ptr, ws_ptr, cnt_p
 
 
 @triton.jit
-def _sp24_decompress_kernel(vals_ptr, meta_ptr, out_ptr, N, K, KH, KW, stride_v, stride_m, stride_o,
-                            BN: tl.constexpr, BKH: tl.constexpr):
+def _sp24_decompress_kernel(vals_ptr, meta_ptr, out_ptr, N, K, KH, KW, stride_v, stride_m, stride_o, M_AL,
+                            BN: tl.constexpr, BKH: tl.constexpr, META_SM90: tl.constexpr):
     BK: tl.constexpr = 2 * BKH
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     kv0 = pid_k * BKH
-    w = _decode_tile(vals_ptr, meta_ptr, rows, row_ok, kv0, KH, KW, stride_v, stride_m, BN, BKH)
+    w = _decode_tile(vals_ptr, meta_ptr, rows, row_ok, kv0, KH, KW, stride_v, stride_m, BN, BKH, META_SM90, M_AL)
     cols = 2 * kv0 + tl.arange(0, BK)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], w,
              mask=row_ok[:, None] & (cols < K)[None, :])
@@ -425,15 +441,22 @@ def sp24_matmul(x: torch.Tensor, packed: Packed24, config: KernelConfig, workspa
 
 
 def sp24_decompress(packed: Packed24, out: torch.Tensor | None = None, block_n: int = 32,
-                    block_kh: int = 64) -> torch.Tensor:
-    """Dense weight in the permuted column order (to multiply with x[:, perm]) by one Triton launch."""
+                    block_kh: int = 64, meta_sm90: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense weight in the permuted column order (to multiply with x[:, perm]) by one Triton launch.
+    ``meta_sm90``: read the metadata from that layout (pack.meta_to_sm90) instead of ``packed.meta``."""
     n, k = packed.shape
     if out is None:
         out = torch.empty(n, k, dtype=packed.dtype, device=packed.device)
     kh = k // 2
     grid = (triton.cdiv(n, block_n), triton.cdiv(kh, block_kh))
+    if meta_sm90 is None:
+        meta, stride_m, rows_aligned = packed.meta, packed.meta.stride(0), 0
+    else:
+        if k % 16:
+            raise ConfigError(f"the sm90 metadata layout needs in_features % 16 == 0, got {k}")
+        meta, stride_m, rows_aligned = meta_sm90.view(torch.int16), 0, sm90_meta_shape(n, k)[0]
     _sp24_decompress_kernel[grid](
-        packed.values, packed.meta, out, n, k, kh, packed.meta.shape[1],
-        packed.values.stride(0), packed.meta.stride(0), out.stride(0), BN=block_n, BKH=block_kh, num_warps=4,
+        packed.values, meta, out, n, k, kh, meta_words(k), packed.values.stride(0), stride_m, out.stride(0),
+        rows_aligned, BN=block_n, BKH=block_kh, META_SM90=meta_sm90 is not None, num_warps=4,
     )
     return out

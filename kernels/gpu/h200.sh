@@ -16,6 +16,11 @@
 # P: pruning time on the GPU, E-Sparse against Wanda (LLaMA-7B and -65B shapes, first blocks).
 # K: the CUTLASS prefill kernel (Hopper sparse GEMM): build, self-check, CUDA tests, prefill buckets.
 # T: every test file that holds CUDA-only tests, on the GPU.
+# M: one metadata copy per layer (CUTLASS's sm90 layout read by the decode kernel too): build both
+#    libraries, the CUDA tests of the two kernels, the decode self-check in both layouts, then the
+#    LLaMA-7B whole-model grid (M_TARGETS to change it).
+# N: the decode and small-batch buckets (1, 16, 32 tokens; N_TOKENS) of the LLaMA shapes with the
+#    metadata layout the layers keep, CUTLASS candidates from 16 tokens, then the LLaMA-13B grid.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
 # attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
@@ -205,6 +210,34 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     timeout ${K_BENCH_S:-300} $BENCH --out "$OUT/kernels_h200_k.csv" --shapes "${K_SHAPES:-llama-13b,llama-65b}" \
         --tokens "${K_TOKENS:-2048,8192}" --no-isolate --no-cusparselt --no-triton --no-cuda 2>&1 \
         | tee "$OUT/bench_k.log" | grep -v "^  [0-9]"
+    ;;
+  M|N)
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    stamp "build the CUDA extension and the CUTLASS prefill library"
+    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
+    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
+    wait
+    if [ "$MODE" = M ]; then
+        stamp "CUDA tests of both kernels and the shared metadata"
+        timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cutlass.py tests/test_kernels_cuda_mma.py \
+            2>&1 | tee "$OUT/pytest_m.log" | tail -8
+        stamp "selfcheck cuda (rows and sm90 metadata)"
+        timeout 150 $PY -m esparse_kernels.selfcheck --backends cuda --out "$OUT/selfcheck_cuda_m.json" 2>&1 | tail -6
+        targets=${M_TARGETS:-llama-7b}
+    else
+        stamp "bench N (decode buckets, shared metadata layout)"
+        timeout ${N_BENCH_S:-300} $BENCH --out "$OUT/kernels_n.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
+            --tokens "${N_TOKENS:-1,16,32}" --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_n.log" \
+            | grep -v "^  [0-9]"
+        targets=${N_TARGETS:-llama-13b}
+    fi
+    for target in $targets; do
+        stamp "profile $target (fused)"
+        timeout 280 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
+            | grep -E "ms$|Error|error" | tail -40
+    done
+    for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed

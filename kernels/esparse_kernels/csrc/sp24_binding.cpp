@@ -8,8 +8,8 @@
 namespace esparse_sp24 {
 cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
                             void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
-                            int splits, int warps, int depth, int meta_variant, bool bf16,
-                            const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out);
+                            int splits, int warps, int depth, int meta_variant, int meta_rows_aligned,
+                            bool bf16, const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out);
 cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
                               cudaStream_t stream);
 int sp24_effective_splits(int k, int splits);
@@ -23,25 +23,35 @@ void check_cuda(const torch::Tensor& t, const char* name) {
 
 // out[T, N] = x[T, K] @ W^T for the packed weight (values [N, K/2], meta int32 [N, K/32], perm int32 [K]
 // or None). ws: fp32 [>= splits*T*N] and counters: int32 [>= row tiles], zero, when splits > 1.
+// meta_rows_aligned > 0: meta is instead uint8 in the sm90 layout (pack.py's meta_to_sm90), padded to
+// that many rows (a multiple of 64, >= N) and to K rounded up to 128 columns.
 void sp24_mma(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, const torch::Tensor& values,
               const torch::Tensor& meta, torch::Tensor& out, const torch::Tensor& ws,
               const torch::Tensor& counters, int64_t splits, int64_t warps, int64_t depth,
-              int64_t meta_variant, const c10::optional<torch::Tensor>& xfrag, bool direct) {
+              int64_t meta_variant, const c10::optional<torch::Tensor>& xfrag, bool direct,
+              int64_t meta_rows_aligned) {
   check_cuda(x, "x");
   check_cuda(values, "values");
   check_cuda(meta, "meta");
   check_cuda(out, "out");
-  TORCH_CHECK(x.dim() == 2 && values.dim() == 2 && meta.dim() == 2 && out.dim() == 2, "2-D tensors expected");
+  TORCH_CHECK(x.dim() == 2 && values.dim() == 2 && out.dim() == 2, "2-D tensors expected");
   const auto dtype = values.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "values must be float16 or bfloat16");
   TORCH_CHECK(x.scalar_type() == dtype && out.scalar_type() == dtype, "x, values and out must share a dtype");
-  TORCH_CHECK(meta.scalar_type() == at::kInt, "meta must be int32");
   const int64_t n = values.size(0), kh = values.size(1), k = 2 * kh, t = x.size(0);
   TORCH_CHECK(k % 64 == 0, "in_features must be a multiple of 64, got ", k);
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " features, the weight ", k);
   TORCH_CHECK(t >= 1 && t <= 16, "the decode kernel takes 1..16 tokens, got ", t);
   TORCH_CHECK(values.is_contiguous() && meta.is_contiguous(), "values and meta must be contiguous");
-  TORCH_CHECK(meta.size(0) == n && meta.size(1) == k / 32, "meta must be [N, K/32]");
+  if (meta_rows_aligned == 0) {
+    TORCH_CHECK(meta.scalar_type() == at::kInt && meta.dim() == 2 && meta.size(0) == n && meta.size(1) == k / 32,
+                "meta must be int32 [N, K/32]");
+  } else {
+    TORCH_CHECK(meta_rows_aligned % 64 == 0 && meta_rows_aligned >= n && meta_rows_aligned < (int64_t(1) << 24),
+                "meta_rows_aligned must be a multiple of 64 and >= N, got ", meta_rows_aligned);
+    TORCH_CHECK(meta.scalar_type() == at::kByte && meta.numel() >= meta_rows_aligned * ((k + 127) / 128) * 16,
+                "sm90 meta must be uint8 with >= rows_aligned * ceil(K/128) * 16 bytes");
+  }
   TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "x and out need unit stride along features");
   TORCH_CHECK(out.size(0) == t && out.size(1) == n, "out must be [T, N]");
   TORCH_CHECK(warps >= 1 && warps <= 8, "warps must be 1..8");
@@ -79,9 +89,10 @@ void sp24_mma(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   cudaError_t err = esparse_sp24::sp24_mma_launch(
-      x.data_ptr(), perm_ptr, values.data_ptr(), reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>()),
+      x.data_ptr(), perm_ptr, values.data_ptr(), static_cast<const uint32_t*>(meta.data_ptr()),
       out.data_ptr(), ws_ptr, cnt_ptr, (int)n, (int)k, (int)t, (int)x.stride(0), (int)out.stride(0),
-      (int)splits, (int)warps, (int)depth, (int)meta_variant, dtype == at::kBFloat16, xfrag_ptr, direct, stream, nullptr);
+      (int)splits, (int)warps, (int)depth, (int)meta_variant, (int)meta_rows_aligned, dtype == at::kBFloat16,
+      xfrag_ptr, direct, stream, nullptr);
   TORCH_CHECK(err == cudaSuccess, "sp24_mma launch failed: ", cudaGetErrorString(err));
 }
 

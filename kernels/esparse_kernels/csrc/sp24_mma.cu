@@ -40,7 +40,7 @@ struct Params {
   const uint16_t* x;       // [T, ldx] fp16/bf16 bits
   const int32_t* perm;     // [K] or nullptr
   const uint8_t* vals;     // [N, K/2] fp16/bf16 (row stride K bytes)
-  const uint32_t* meta;    // [N, K/32]
+  const uint32_t* meta;    // [N, K/32] (pack.py's rows) or the sm90 layout (meta_rows_aligned > 0)
   uint16_t* out;           // [T, ldo]
   float* ws;               // [splits, T, N] fp32 partials (splits > 1)
   int* counters;           // [row tiles], zero between launches
@@ -49,6 +49,8 @@ struct Params {
   int chunks_per_split;
   int splits;
   int meta_variant;        // 0: quad threads 0/1 hold k-halves of rows g and g+8; 1: rows g / g+8
+  int meta_rows_aligned;   // 0: meta in pack.py's row-major words; > 0: CUTLASS's sm90 tensor-E layout
+                           // (pack.py's meta_to_sm90) padded to this many rows
   const uint4* xfrag;      // x already in B-fragment order for all of K (sp24_stage_kernel), or nullptr
 };
 
@@ -143,6 +145,36 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   const uint32_t sy = by_rows ? 4u : 4u * h;
   const uint32_t* mx = p.meta + (size_t)rx * mwords + (size_t)c_begin * 2;
   const uint32_t* my = p.meta + (size_t)ry * mwords + (size_t)c_begin * 2;
+  // sm90 layout (pack.py): the 32-bit word at 4*gid + (16-column word j of the 128-column atom:
+  // 2*(j/2) + 32*(j%2)) holds word j of rows row0+gid (low half) and row0+gid+8 (high half). Rows
+  // past N are padding there, so no clamp. A chunk (64 columns, words 4cc..4cc+3 of its atom) is two
+  // 8-byte loads: (words 0, 2) and (words 1, 3) of both rows.
+  const bool sm90 = p.meta_rows_aligned > 0;
+  const uint32_t* me = p.meta + (size_t)(row0 >> 6) * 256 + ((row0 & 63) >> 4) * 64 + gid * 4;
+  const size_t me_kstride = (size_t)p.meta_rows_aligned * 4;  // 32-bit words per 128 columns
+  auto load_meta = [&](int c, uint2& wx, uint2& wy) {  // c: chunk index within this split
+    if (sm90) {
+      const int cg = c_begin + c;
+      const uint32_t* q = me + (size_t)(cg >> 1) * me_kstride + (cg & 1) * 2;
+      wx = load_stream8(q);
+      wy = load_stream8(q + 32);
+    } else {
+      wx = load_stream8(mx + c * 2);
+      wy = load_stream8(my + c * 2);
+    }
+  };
+  // the sm90 pairs as pack.py's row words: w0 of row rx, w1 of row ry (what meta_bytes expects)
+  auto meta_rows = [&](const uint2& ex, const uint2& ey, uint2& w0, uint2& w1) {
+    if (!sm90) {
+      w0 = ex;
+      w1 = ey;
+      return;
+    }
+    const uint2 a = make_uint2(prmt(ex.x, ey.x, 0x5410), prmt(ex.y, ey.y, 0x5410));  // row row0+gid
+    const uint2 b = make_uint2(prmt(ex.x, ey.x, 0x7632), prmt(ex.y, ey.y, 0x7632));  // row row0+gid+8
+    w0 = by_rows ? (h ? b : a) : a;
+    w1 = by_rows ? w0 : b;
+  };
 
   uint4 va[D], vb[D];
   uint2 wx[D], wy[D];
@@ -151,8 +183,7 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
     if (d < nc) {
       va[d] = load_stream16(pa + d * 64);
       vb[d] = load_stream16(pb + d * 64);
-      wx[d] = load_stream8(mx + d * 2);
-      wy[d] = load_stream8(my + d * 2);
+      load_meta(d, wx[d], wy[d]);
     }
   }
 
@@ -239,7 +270,9 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   const int slot_t = 4 * T;  // uint4 slots per (chunk, j)
 
   // one chunk: two MMAs (j = 0, 1) per token tile
-  auto consume = [&](int c, const uint4& a4, const uint4& b4, const uint2& w0, const uint2& w1) {
+  auto consume = [&](int c, const uint4& a4, const uint4& b4, const uint2& m0, const uint2& m1) {
+    uint2 w0, w1;
+    meta_rows(m0, m1, w0, w1);
     uint4 bf[2][NT];  // direct mode: all B fragments of the chunk first, so that their loads overlap
     if constexpr (DIRECT) {
 #pragma unroll
@@ -274,21 +307,16 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   int c0 = 0;
   const uint8_t* qa = pa + D * 64;  // running pointers to the chunks being reloaded
   const uint8_t* qb = pb + D * 64;
-  const uint32_t* qx = mx + D * 2;
-  const uint32_t* qy = my + D * 2;
   for (; c0 + 2 * D <= nc; c0 += D) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       consume(c0 + d, va[d], vb[d], wx[d], wy[d]);
       va[d] = load_stream16(qa + d * 64);
       vb[d] = load_stream16(qb + d * 64);
-      wx[d] = load_stream8(qx + d * 2);
-      wy[d] = load_stream8(qy + d * 2);
+      load_meta(c0 + D + d, wx[d], wy[d]);
     }
     qa += D * 64;
     qb += D * 64;
-    qx += D * 2;
-    qy += D * 2;
   }
 #pragma unroll
   for (int d = 0; d < D; ++d) {
@@ -297,8 +325,7 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
       if (c0 + d + D < nc) {
         va[d] = load_stream16(pa + (c0 + d + D) * 64);
         vb[d] = load_stream16(pb + (c0 + d + D) * 64);
-        wx[d] = load_stream8(mx + (c0 + d + D) * 2);
-        wy[d] = load_stream8(my + (c0 + d + D) * 2);
+        load_meta(c0 + d + D, wx[d], wy[d]);
       }
     }
   }
@@ -434,8 +461,8 @@ static cudaError_t launch_tiles(const Params& p, dim3 grid, int threads, size_t 
 // counters ceil(N / (16*warps)) zeroed ints when splits > 1; `direct` only with xfrag.
 cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
                             void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
-                            int splits, int warps, int depth, int meta_variant, bool bf16,
-                            const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out) {
+                            int splits, int warps, int depth, int meta_variant, int meta_rows_aligned,
+                            bool bf16, const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out) {
   Params p;
   p.xfrag = static_cast<const uint4*>(xfrag);
   p.x = static_cast<const uint16_t*>(x);
@@ -454,6 +481,7 @@ cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals
   p.chunks_per_split = (p.nchunks + splits - 1) / splits;
   p.splits = (p.nchunks + p.chunks_per_split - 1) / p.chunks_per_split;  // no empty split
   p.meta_variant = meta_variant;
+  p.meta_rows_aligned = meta_rows_aligned;
   const int tile_rows = 16 * warps;
   dim3 grid((n + tile_rows - 1) / tile_rows, p.splits);
   if (direct && xfrag == nullptr) return cudaErrorInvalidValue;
