@@ -96,6 +96,7 @@ class SparseLinear(nn.Module):
         self._dense_weight = None
         self._cslt_weight = None
         self._cutlass_weight = None
+        self._cutlass_ws: dict[tuple[int, int], int] = {}
         self.meta_sm90: torch.Tensor | None = None
         self._build_routes()
         self._share_metadata()
@@ -256,7 +257,10 @@ class SparseLinear(nn.Module):
         elif kind == "ours_cutlass":
             from .cutlass_sp24 import sp24_cutlass_matmul, workspace_bytes
 
-            need = workspace_bytes(self._cutlass_weight, route[1], t)  # host arithmetic only
+            key = (route[1].index, t)
+            need = self._cutlass_ws.get(key)
+            if need is None:  # host arithmetic only, but a ctypes call: once per configuration and size
+                need = self._cutlass_ws[key] = workspace_bytes(self._cutlass_weight, route[1], t)
             ws = _scratch("cutlass_ws", (need,), torch.uint8, x2.device) if need else None
             x_perm = self._permuted_input_buffer(x2, t) if self.packed.perm is not None else None
             y = sp24_cutlass_matmul(x2, self._cutlass_weight, route[1], self.packed.perm, x_perm=x_perm,
