@@ -72,14 +72,15 @@ def row_metrics(n: int, k: int, tokens: int, backend: str, median_us: float, cei
 
 def measure_shape(shape, tokens: list[int], ceilings: dict, dev: dict, tune_reps: int, final_reps: int, seed: int,
                   include_cslt: bool, emit_row, emit_tuning, log=print, include_triton: bool = True,
-                  include_cuda: bool = True, include_cutlass: bool = True) -> None:
-    """Tune and measure one shape at every token count; rows and tuning records go out as they come."""
+                  include_cuda: bool = True, include_cutlass: bool = True, meta_layout: str = "auto") -> None:
+    """Tune and measure one shape at every token count; rows and tuning records go out as they come.
+    meta_layout: the metadata layout the decode kernel and the decompression read (autotune.ShapeBench)."""
     from .autotune import ShapeBench, best_of, tune_tokens
     from .triton_sp24 import KernelConfig
 
     n, k = shape.out_features, shape.in_features
     n_sms = dev["multiprocessors"]
-    bench = ShapeBench.random(n, k, seed=seed, reps=tune_reps)
+    bench = ShapeBench.random(n, k, seed=seed, reps=tune_reps, meta_layout=meta_layout)
     packed_bytes = bench.packed.nbytes()
     t_start = time.time()
     for t in tokens:
@@ -171,7 +172,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: int = 10, final_reps: int = 30,
         seed: int = 0, log=print, isolate: bool = True, include_cslt: bool = True,
         worker_timeout: float = 1800.0, include_triton: bool = True, include_cuda: bool = True,
-        include_cutlass: bool = True) -> list[dict]:
+        include_cutlass: bool = True, meta_layout: str = "auto") -> list[dict]:
     """The whole benchmark. With isolate, each model runs in its own process, killed after
     worker_timeout seconds: a device fault or a hang (both seen inside cuSPARSELt on the H200) then
     costs that model's cuSPARSELt rows only, as it is rerun without them."""
@@ -206,7 +207,7 @@ def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: in
                 measure_shape(s, tokens, ceilings, dev, tune_reps, final_reps, seeds[s.name], include_cslt,
                               _jsonl_appender(rows_path), _jsonl_appender(tuning_path), log,
                               include_triton=include_triton, include_cuda=include_cuda,
-                              include_cutlass=include_cutlass)
+                              include_cutlass=include_cutlass, meta_layout=meta_layout)
             continue
         ceil_path = out_csv.with_suffix(".ceilings.json")
         ceil_path.write_text(json.dumps({"ceilings": ceilings, "device": dev}))
@@ -214,7 +215,8 @@ def run(shapes_spec: str | None, tokens: list[int], out_csv: Path, tune_reps: in
             before = len(_read_jsonl(rows_path))
             cmd = [sys.executable, "-m", "esparse_kernels.bench", "--worker", "--out", str(out_csv),
                    "--shapes", ",".join(s.name for s in group), "--tokens", ",".join(map(str, tokens)),
-                   "--tune-reps", str(tune_reps), "--final-reps", str(final_reps), "--seed", str(seed)]
+                   "--tune-reps", str(tune_reps), "--final-reps", str(final_reps), "--seed", str(seed),
+                   "--meta-layout", meta_layout]
             if not with_cslt:
                 cmd.append("--no-cslt")
             if not include_triton:
@@ -263,7 +265,8 @@ def _worker(args) -> int:
         measure_shape(shape, parse_tokens(args.tokens), info["ceilings"], info["device"], args.tune_reps,
                       args.final_reps, seed, not args.no_cslt, _jsonl_appender(rows_path),
                       _jsonl_appender(tuning_path), log, include_triton=not args.no_triton,
-                      include_cuda=not args.no_cuda, include_cutlass=not args.no_cutlass)
+                      include_cuda=not args.no_cuda, include_cutlass=not args.no_cutlass,
+                      meta_layout=args.meta_layout)
     return 0
 
 
@@ -309,13 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda", action="store_true", help="leave the CUDA decode kernel out of the candidates")
     ap.add_argument("--no-cutlass", action="store_true",
                     help="leave the CUTLASS prefill kernel (Hopper sparse GEMM) out of the candidates")
+    ap.add_argument("--meta-layout", choices=("auto", "rows", "sm90"), default="auto",
+                    help="metadata layout the decode kernel and the decompression read: sm90 (CUTLASS's, what a "
+                         "layer with the CUTLASS route keeps), rows (pack.py's), auto (sm90 where CUTLASS runs)")
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args)
     run(args.shapes, parse_tokens(args.tokens), args.out, args.tune_reps, args.final_reps, args.seed,
         log=lambda s: print(s, flush=True), isolate=not args.no_isolate, include_cslt=not args.no_cslt,
         worker_timeout=args.worker_timeout, include_triton=not args.no_triton, include_cuda=not args.no_cuda,
-        include_cutlass=not args.no_cutlass)
+        include_cutlass=not args.no_cutlass, meta_layout=args.meta_layout)
     return 0
 
 

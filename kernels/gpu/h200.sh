@@ -16,6 +16,7 @@
 # P: pruning time on the GPU, E-Sparse against Wanda (LLaMA-7B and -65B shapes, first blocks).
 # K: the CUTLASS prefill kernel (Hopper sparse GEMM): build, self-check, CUDA tests, prefill buckets.
 # T: every test file that holds CUDA-only tests, on the GPU.
+# L: A/B of the decode kernel's metadata layouts (rows, sm90, rows again) at 1 and 16 tokens.
 # M: one metadata copy per layer (CUTLASS's sm90 layout read by the decode kernel too): build both
 #    libraries, the CUDA tests of the two kernels, the decode self-check in both layouts, then the
 #    LLaMA-7B whole-model grid (M_TARGETS to change it).
@@ -238,6 +239,20 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
             | grep -E "ms$|Error|error" | tail -40
     done
     for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+    ;;
+  L)
+    # A/B of the decode kernel's two metadata layouts on one machine: LLaMA shapes at L_TOKENS, the
+    # CUDA kernel only, rows (pack.py's) then sm90 (CUTLASS's) then rows again (drift between the runs)
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    stamp "build the CUDA extension"
+    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5
+    for layout in rows sm90 rows2; do
+        stamp "bench L, metadata layout ${layout%2}"
+        timeout 150 $BENCH --out "$OUT/kernels_l_$layout.csv" --shapes llama-7b,llama-13b,llama-30b,llama-65b \
+            --tokens "${L_TOKENS:-1,16}" --no-isolate --no-cusparselt --no-triton --no-cutlass \
+            --meta-layout "${layout%2}" 2>&1 | grep -A14 "backend=ours_cuda$"
+        rm -f "$OUT"/kernels_l_$layout.rows.jsonl "$OUT"/kernels_l_$layout.ceilings.json "$OUT"/kernels_l_$layout.tuning.jsonl
+    done
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed
