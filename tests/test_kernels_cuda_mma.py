@@ -72,6 +72,8 @@ def test_config_and_splits():
     assert CudaConfig.from_dict(pre.to_dict()) == pre and pre.label == "mma_w8_sk4_d8_pre"
     direct = CudaConfig(8, 4, 8, pre=True, direct=True)
     assert CudaConfig.from_dict(direct.to_dict()) == direct and direct.label == "mma_w8_sk4_d8_pre_ldg"
+    pdl = CudaConfig(8, 4, 8, pre=True, direct=True, pdl=True)
+    assert CudaConfig.from_dict(pdl.to_dict()) == pdl and pdl.label == "mma_w8_sk4_d8_pre_ldg_pdl"
     with pytest.raises(ConfigError, match="needs pre=True"):
         CudaConfig(8, 4, 8, direct=True)
     assert cfg.supports(1) and cfg.supports(16) and not cfg.supports(17)
@@ -95,6 +97,9 @@ def test_candidates_fit_the_device(n, k, tokens):
     assert cuda_candidates(n, k, 17) == [] and cuda_candidates(n, k + 32, 1) == []
     # no shared memory: split-K 1 stays a candidate however long K is
     assert any(c.direct and c.split_k == 1 for c in cands)
+    assert not any(c.pdl for c in cands)
+    with_pdl = cuda_candidates(n, k, tokens, n_sms=132, pdl=True)
+    assert with_pdl == cands + [CudaConfig(**{**c.to_dict(), "pdl": True}) for c in cands]
 
 
 def test_sparse_linear_with_cuda_plan_on_cpu_uses_reference():
@@ -117,9 +122,14 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
                                         (CudaConfig(4, 3, 4), 9), (CudaConfig(2, 6, 8), 16),
                                         (CudaConfig(8, 2, 4, pre=True), 3), (CudaConfig(4, 4, 8, pre=True), 16),
                                         (CudaConfig(8, 1, 4, pre=True, direct=True), 2),
-                                        (CudaConfig(4, 3, 8, pre=True, direct=True), 11)])
+                                        (CudaConfig(4, 3, 8, pre=True, direct=True), 11),
+                                        (CudaConfig(4, 3, 4, pdl=True), 1),
+                                        (CudaConfig(8, 2, 4, pre=True, pdl=True), 9),
+                                        (CudaConfig(4, 3, 8, pre=True, direct=True, pdl=True), 16)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
+    if cfg.pdl and not cs.pdl_supported():
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
     gen = torch.Generator().manual_seed(tokens)
     n, k = 1000, 1536
     w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen)
@@ -152,6 +162,55 @@ def test_cuda_kernel_reads_the_sm90_metadata(cfg, tokens):
         out = torch.full((tokens, n), float("nan"), dtype=torch.float16, device="cuda")
         cs.sp24_cuda_matmul(x, empty, cfg, ws, out=out, meta_sm90=e)
         assert rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3
+
+
+@cuda_only
+@pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9), reason="needs compute capability 9.0")
+def test_programmatic_dependent_launches_keep_the_order():
+    """Chains where a launched-early kernel could see stale data if its wait were misplaced: each layer
+    reads the previous layer's output (written last, by split-K's final CTA), and layers of one shape
+    share one split-K workspace and one staging buffer (q, k, v). Eager and CUDA-graph replay."""
+    gen = torch.Generator().manual_seed(11)
+    n, k, tokens = 1024, 1024, 3
+    plans = [CudaConfig(4, 4, 4, pdl=True), CudaConfig(8, 2, 4, pre=True, pdl=True),
+             CudaConfig(2, 4, 8, pre=True, direct=True, pdl=True)]
+    packs = [pack_24(*random_24_weight(n, k, torch.float16, "cpu", gen)).to("cuda") for _ in range(6)]
+    layers = [SparseLinear(p, None, {16: {"backend": "ours_cuda", "config": plans[i % 3].to_dict()}})
+              for i, p in enumerate(packs)]
+
+    def chain(x):
+        outs = [x]
+        for layer in layers[:3]:  # each reads the one before
+            outs.append(layer(outs[-1]))
+        side = [layer(outs[-1]) for layer in layers[3:]]  # three readers of one input, back to back
+        return outs[1:] + side
+
+    def reference(x):
+        refs, cur = [], x
+        for p in packs[:3]:
+            cur = reference_linear(cur, p).half()
+            refs.append(cur)
+        return refs + [reference_linear(cur, p).half() for p in packs[3:]]
+
+    x = torch.randn(tokens, k, generator=gen).half().cuda() * 0.05
+    for out, ref in zip(chain(x), reference(x)):
+        assert rel_frobenius_error(out, ref) < 2e-3
+    graph = torch.cuda.CUDAGraph()
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        chain(x)
+    torch.cuda.current_stream().wait_stream(side_stream)
+    with torch.cuda.graph(graph):
+        static = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(tokens, k, generator=gen).half() * 0.05)
+        for o in static:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, ref in zip(static, reference(x)):
+            assert rel_frobenius_error(out, ref) < 2e-3
 
 
 @cuda_only

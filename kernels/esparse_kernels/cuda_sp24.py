@@ -24,7 +24,7 @@ workspace is built, never in the hot path).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,6 +118,9 @@ class CudaConfig:
     depth: int = 4  # 64-column chunks in flight per thread
     pre: bool = False  # stage x[:, perm] in fragment order once (one extra launch) instead of per CTA
     direct: bool = False  # with pre: read the staged fragments from global memory, no shared-memory copy
+    # programmatic dependent launch (compute capability 9.0+): the kernel streams its first weights
+    # while the previous kernel in the stream finishes (csrc/sp24_mma.cu)
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.direct and not self.pre:
@@ -134,12 +137,12 @@ class CudaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CudaConfig":
-        return cls(**{k: data[k] for k in ("warps", "split_k", "depth", "pre", "direct") if k in data})
+        return cls(**{k: data[k] for k in ("warps", "split_k", "depth", "pre", "direct", "pdl") if k in data})
 
     @property
     def label(self) -> str:
         return f"mma_w{self.warps}_sk{self.split_k}_d{self.depth}" + ("_pre" if self.pre else "") + \
-            ("_ldg" if self.direct else "")
+            ("_ldg" if self.direct else "") + ("_pdl" if self.pdl else "")
 
     @property
     def rows_per_cta(self) -> int:
@@ -186,12 +189,13 @@ def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, work
         xfrag = workspace.xfrag
         if xfrag is None or xfrag.dtype != x.dtype:
             raise ConfigError(f"{config.label} needs a workspace built for it with dtype {x.dtype}")
-        ext.sp24_stage(x, packed.perm, xfrag)
+        ext.sp24_stage(x, packed.perm, xfrag, config.pdl)
     meta, rows_aligned = packed.meta, 0
     if meta_sm90 is not None:
         meta, rows_aligned = meta_sm90, sm90_meta_shape(packed.out_features, packed.in_features)[0]
     ext.sp24_mma(x, packed.perm, packed.values, meta, out, workspace.partials, workspace.counters,
-                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag, config.direct, rows_aligned)
+                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag, config.direct, rows_aligned,
+                 config.pdl)
     return out
 
 
@@ -206,7 +210,8 @@ def _check_variant(ext, variant: int, device) -> bool:
         out = torch.full((tokens, 80), float("nan"), dtype=torch.float16, device=device)
         ws = torch.empty(split * tokens * 80, dtype=torch.float32, device=device)
         cnt = torch.zeros(8, dtype=torch.int32, device=device)
-        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None, False, 0)
+        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None, False, 0,
+                     False)
         if not rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3:
             return False
     return True
@@ -232,12 +237,19 @@ def meta_variant() -> int:
 CANDIDATE_WARPS = (1, 2, 4, 8)
 
 
-def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132) -> list[CudaConfig]:
+def pdl_supported() -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 or newer."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132,
+                    pdl: bool = False) -> list[CudaConfig]:
     """Configurations worth timing: 1, 2, 4 or 8 warps (16 rows each), depth 4 or 8, split-K giving
     0.5-6 CTAs per SM, the activations gathered per CTA or staged once by a separate launch (``pre``; at 1 token too, where the
     extra launch can cost more than the per-CTA gather it saves, so the tuner decides), and
     staged fragments copied to shared memory or read from global memory where used (``direct``, which
-    needs no shared memory, so its split-K is not bounded by it)."""
+    needs no shared memory, so its split-K is not bounded by it); with ``pdl``, each also as a
+    programmatic dependent launch."""
     if not (1 <= tokens <= MAX_TOKENS) or in_features % CHUNK:
         return []
     chunks = in_features // CHUNK
@@ -259,6 +271,8 @@ def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int
                     out.append(CudaConfig(warps=warps, split_k=eff, depth=depth))
                     out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True))
                 out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True, direct=True))
+    if pdl:
+        out += [replace(c, pdl=True) for c in out]
     return out
 
 
@@ -447,6 +461,6 @@ def roofline_us(out_features: int, in_features: int, tokens: int, bytes_per_s: f
 
 __all__ = [
     "CudaConfig", "CudaWorkspace", "sp24_cuda_matmul", "cuda_candidates", "available", "load_extension",
-    "meta_variant", "effective_splits", "smem_bytes", "emulate", "emulate_stage", "staged_by_columns",
+    "meta_variant", "effective_splits", "smem_bytes", "emulate", "emulate_stage", "staged_by_columns", "pdl_supported",
     "supports_shape", "roofline_us",
 ]

@@ -90,7 +90,9 @@ def run(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: i
             "results": results}
 
 
-def cuda_cases(dtype: torch.dtype):
+def cuda_cases(dtype: torch.dtype, pdl: bool = False):
+    from dataclasses import replace
+
     from .cuda_sp24 import CudaConfig
 
     shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
@@ -100,6 +102,9 @@ def cuda_cases(dtype: torch.dtype):
                CudaConfig(2, 1, 4, pre=True, direct=True), CudaConfig(1, 1, 4)]
     if dtype != torch.float16:
         configs = [configs[0], configs[1], configs[5]]
+    if pdl:  # programmatic dependent launches: per-CTA staging, pre-staged, direct
+        direct = next(c for c in configs if c.direct)
+        configs += [replace(c, pdl=True) for c in (configs[0], configs[1], direct)]
     tokens = [1, 2, 3, 7, 8, 9, 15, 16]
     for shape in shapes:
         for cfg in configs:
@@ -110,7 +115,7 @@ def cuda_cases(dtype: torch.dtype):
 def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 3) -> dict:
     """The CUDA decode kernel (cuda_sp24) against the reference; same rules as ``run``. Permuted cases
     run with the metadata in both layouts the kernel reads (pack.py's rows and CUTLASS's sm90)."""
-    from .cuda_sp24 import CudaWorkspace, meta_variant, sp24_cuda_matmul
+    from .cuda_sp24 import CudaWorkspace, meta_variant, pdl_supported, sp24_cuda_matmul
     from .pack import meta_to_sm90
 
     results, failures = [], []
@@ -118,7 +123,7 @@ def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repea
     packed_cache = {}
     variant = meta_variant()
     for dtype in dtypes:
-        for (n, k), cfg, t in cuda_cases(dtype):
+        for (n, k), cfg, t in cuda_cases(dtype, pdl=pdl_supported()):
             for with_perm, layout in ((True, "rows"), (True, "sm90"), (False, "rows")):
                 key = (n, k, dtype, with_perm)
                 if key not in packed_cache:

@@ -9,9 +9,10 @@ namespace esparse_sp24 {
 cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
                             void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
                             int splits, int warps, int depth, int meta_variant, int meta_rows_aligned,
-                            bool bf16, const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out);
+                            bool bf16, const void* xfrag, bool direct, bool pdl, cudaStream_t stream,
+                            size_t* smem_out);
 cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
-                              cudaStream_t stream);
+                              bool pdl, cudaStream_t stream);
 int sp24_effective_splits(int k, int splits);
 }  // namespace esparse_sp24
 
@@ -24,12 +25,13 @@ void check_cuda(const torch::Tensor& t, const char* name) {
 // out[T, N] = x[T, K] @ W^T for the packed weight (values [N, K/2], meta int32 [N, K/32], perm int32 [K]
 // or None). ws: fp32 [>= splits*T*N] and counters: int32 [>= row tiles], zero, when splits > 1.
 // meta_rows_aligned > 0: meta is instead uint8 in the sm90 layout (pack.py's meta_to_sm90), padded to
-// that many rows (a multiple of 64, >= N) and to K rounded up to 128 columns.
+// that many rows (a multiple of 64, >= N) and to K rounded up to 128 columns. pdl: launch as a
+// programmatic dependent launch (compute capability 9.0+; sp24_mma.cu's header).
 void sp24_mma(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, const torch::Tensor& values,
               const torch::Tensor& meta, torch::Tensor& out, const torch::Tensor& ws,
               const torch::Tensor& counters, int64_t splits, int64_t warps, int64_t depth,
               int64_t meta_variant, const c10::optional<torch::Tensor>& xfrag, bool direct,
-              int64_t meta_rows_aligned) {
+              int64_t meta_rows_aligned, bool pdl) {
   check_cuda(x, "x");
   check_cuda(values, "values");
   check_cuda(meta, "meta");
@@ -92,12 +94,12 @@ void sp24_mma(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, 
       x.data_ptr(), perm_ptr, values.data_ptr(), static_cast<const uint32_t*>(meta.data_ptr()),
       out.data_ptr(), ws_ptr, cnt_ptr, (int)n, (int)k, (int)t, (int)x.stride(0), (int)out.stride(0),
       (int)splits, (int)warps, (int)depth, (int)meta_variant, (int)meta_rows_aligned, dtype == at::kBFloat16,
-      xfrag_ptr, direct, stream, nullptr);
+      xfrag_ptr, direct, pdl, stream, nullptr);
   TORCH_CHECK(err == cudaSuccess, "sp24_mma launch failed: ", cudaGetErrorString(err));
 }
 
 // x[t, perm[col]] for all of K in the decode kernel's B-fragment order, into xfrag (>= T*K elements).
-void sp24_stage(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, torch::Tensor& xfrag) {
+void sp24_stage(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, torch::Tensor& xfrag, bool pdl) {
   check_cuda(x, "x");
   check_cuda(xfrag, "xfrag");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit stride along features");
@@ -116,7 +118,7 @@ void sp24_stage(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   cudaError_t err = esparse_sp24::sp24_stage_launch(x.data_ptr(), perm_ptr, xfrag.data_ptr(), (int)k, (int)t,
-                                                    (int)x.stride(0), stream);
+                                                    (int)x.stride(0), pdl, stream);
   TORCH_CHECK(err == cudaSuccess, "sp24_stage launch failed: ", cudaGetErrorString(err));
 }
 

@@ -25,6 +25,14 @@
 // instead of being copied into shared memory first: no copy, no barrier, no shared memory, so
 // split-K is not bounded by the shared-memory size.
 //
+// Programmatic dependent launch (Hopper; launches with `pdl`). Every CTA first issues its weight
+// loads, which depend on no earlier kernel, then waits for the previous kernel in the stream to
+// finish (griddepcontrol.wait) before it touches x, the staged fragments, the workspace or the
+// output, and at once lets the next kernel launch (griddepcontrol.launch_dependents). So a decode
+// kernel launched with `pdl` after another one streams its first weights while that one finishes:
+// the ramp of one overlaps the tail of the other. Without the launch attribute both instructions
+// do nothing.
+//
 // Split-K. blockIdx.y splits the 64-column chunks; partials go to a fp32 workspace and the last CTA
 // of each row tile (an atomic ticket) sums them in split order, writes the output and resets its
 // counter: one launch, deterministic, no memset, graph-capturable.
@@ -51,6 +59,7 @@ struct Params {
   int meta_variant;        // 0: quad threads 0/1 hold k-halves of rows g and g+8; 1: rows g / g+8
   int meta_rows_aligned;   // 0: meta in pack.py's row-major words; > 0: CUTLASS's sm90 tensor-E layout
                            // (pack.py's meta_to_sm90) padded to this many rows
+  int pdl;                 // launched as a programmatic dependent launch (see the header)
   const uint4* xfrag;      // x already in B-fragment order for all of K (sp24_stage_kernel), or nullptr
 };
 
@@ -99,6 +108,13 @@ __device__ __forceinline__ void meta_bytes(uint2 w, uint32_t shift, uint32_t& lo
   const uint32_t m1 = (w.y >> shift) & 0x0F0F0F0Fu;
   lo = m0 | (m0 >> 12);
   hi = m1 | (m1 >> 12);
+}
+
+__device__ __forceinline__ void wait_for_previous_grid_and_release_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ uint32_t comp(const uint4& v, int i) {
@@ -186,6 +202,8 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
       load_meta(d, wx[d], wy[d]);
     }
   }
+  // everything below reads what earlier kernels wrote (x, xfrag) or writes what they may still read
+  wait_for_previous_grid_and_release_next();
 
   // Stage x[t, perm[col]] for this split's columns in B-fragment order. Column col of chunk c is in
   // actual group a = (col % 64) / 4 at position pos; logical group G = (a & 1) * 4 + (a >> 2) of
@@ -403,6 +421,7 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
 // One 16-byte store per thread, its 8 gathers in flight together.
 __global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restrict__ x, const int32_t* perm,
                                                         uint4* __restrict__ xfrag, int k, int t_count, int ldx) {
+  wait_for_previous_grid_and_release_next();  // x comes from, xfrag may still be read by, earlier kernels
   const int slots = (k / 64) * 2 * t_count * 4;
   const int q = blockIdx.x * blockDim.x + threadIdx.x;
   if (q >= slots) return;
@@ -430,6 +449,23 @@ __global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restr
   xfrag[q] = v;
 }
 
+// A launch, with the programmatic-stream-serialization attribute when `pdl` (see the header).
+template <typename Kernel, typename... Args>
+static cudaError_t launch_kernel(Kernel kern, dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl,
+                                 Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kern, args...);
+}
+
 template <bool BF16, int NT, int D, bool DIRECT>
 static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   auto kern = sp24_mma_kernel<BF16, NT, D, DIRECT>;
@@ -443,8 +479,8 @@ static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t sm
     if (err != cudaSuccess) return err;
     configured = true;
   }
-  kern<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t err = launch_kernel(kern, grid, threads, smem, stream, p.pdl != 0, p);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <bool BF16, bool DIRECT>
@@ -462,7 +498,8 @@ static cudaError_t launch_tiles(const Params& p, dim3 grid, int threads, size_t 
 cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
                             void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
                             int splits, int warps, int depth, int meta_variant, int meta_rows_aligned,
-                            bool bf16, const void* xfrag, bool direct, cudaStream_t stream, size_t* smem_out) {
+                            bool bf16, const void* xfrag, bool direct, bool pdl, cudaStream_t stream,
+                            size_t* smem_out) {
   Params p;
   p.xfrag = static_cast<const uint4*>(xfrag);
   p.x = static_cast<const uint16_t*>(x);
@@ -482,6 +519,7 @@ cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals
   p.splits = (p.nchunks + p.chunks_per_split - 1) / p.chunks_per_split;  // no empty split
   p.meta_variant = meta_variant;
   p.meta_rows_aligned = meta_rows_aligned;
+  p.pdl = pdl ? 1 : 0;
   const int tile_rows = 16 * warps;
   dim3 grid((n + tile_rows - 1) / tile_rows, p.splits);
   if (direct && xfrag == nullptr) return cudaErrorInvalidValue;
@@ -496,11 +534,12 @@ cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals
 }
 
 cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
-                              cudaStream_t stream) {
+                              bool pdl, cudaStream_t stream) {
   const int slots = (k / 64) * 2 * t * 4;
-  sp24_stage_kernel<<<(slots + 255) / 256, 256, 0, stream>>>(static_cast<const uint16_t*>(x), perm,
-                                                           static_cast<uint4*>(xfrag), k, t, ldx);
-  return cudaGetLastError();
+  const cudaError_t err = launch_kernel(sp24_stage_kernel, dim3((slots + 255) / 256), 256, 0, stream, pdl,
+                                        static_cast<const uint16_t*>(x), perm, static_cast<uint4*>(xfrag), k,
+                                        t, ldx);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 int sp24_effective_splits(int k, int splits) {
