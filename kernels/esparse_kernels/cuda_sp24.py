@@ -238,7 +238,10 @@ CANDIDATE_WARPS = (1, 2, 4, 8)
 
 
 def pdl_supported() -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 or newer."""
+    """Programmatic dependent launch needs compute capability 9.0 or newer; ESPARSE_PDL=0 leaves it out
+    of the tuning (the A/B of docs/PERFORMANCE.md, run Q1)."""
+    if os.environ.get("ESPARSE_PDL", "1") == "0":
+        return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 

@@ -17,6 +17,7 @@
 # K: the CUTLASS prefill kernel (Hopper sparse GEMM): build, self-check, CUDA tests, prefill buckets.
 # T: every test file that holds CUDA-only tests, on the GPU.
 # L: A/B of the decode kernel's metadata layouts (rows, sm90, rows again) at 1 and 16 tokens.
+# Q: A/B of programmatic dependent launch in the LLaMA-7B decode step (off, on, off again).
 # M: one metadata copy per layer (CUTLASS's sm90 layout read by the decode kernel too): build both
 #    libraries, the CUDA tests of the two kernels, the decode self-check in both layouts, then the
 #    LLaMA-7B whole-model grid (M_TARGETS to change it).
@@ -252,6 +253,23 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
             --tokens "${L_TOKENS:-1,16}" --no-isolate --no-cusparselt --no-triton --no-cutlass \
             --meta-layout "${layout%2}" 2>&1 | grep -A14 "backend=ours_cuda$"
         rm -f "$OUT"/kernels_l_$layout.rows.jsonl "$OUT"/kernels_l_$layout.ceilings.json "$OUT"/kernels_l_$layout.tuning.jsonl
+    done
+    ;;
+  Q)
+    # A/B of programmatic dependent launch in the whole model: LLaMA-7B shape, dense and 2:4 + shuffle,
+    # decode at contexts 128 and 2048 (batch 1), tuned and profiled with PDL left out, then with it
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    stamp "build the CUDA extension and the CUTLASS prefill library"
+    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
+    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
+    wait
+    for tag in 0a 1 0b; do
+        stamp "profile llama-7b, ESPARSE_PDL=${tag:0:1}"
+        mkdir -p "$OUT/pdl$tag"
+        ESPARSE_PDL=${tag:0:1} timeout 100 $PY -m esparse.profiling --target llama-7b --variants dense,2:4+shuffle \
+            --prefill 2048:1 --decode 128:1,2048:1 --repeats 30 --tune-reps 5 --out "$OUT/pdl$tag" 2>&1 \
+            | grep -E "ms$|Error|error" | tail -8
     done
     ;;
   T)
