@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from esparse_kernels.build import build_kernels  # noqa: E402
 from esparse_kernels.linear import SparseLinear, swap_sparse_linears  # noqa: E402
 from esparse_kernels.pack import pack_24, random_24_weight, reference_linear, rel_frobenius_error  # noqa: E402
-from esparse_kernels.testing import DEFAULT_LAYERS, TinyModel, make_pruned_dir  # noqa: E402
+from esparse_kernels.testing import DEFAULT_LAYERS, TinyModel, capture_graph, make_pruned_dir  # noqa: E402
 from esparse_kernels.triton_sp24 import KernelConfig, Workspace, sp24_matmul  # noqa: E402
 
 DEV = "cuda"
@@ -99,14 +99,7 @@ def test_sparse_linear_is_graph_capturable(cuda_build):
     layer = model.get_submodule(name)
     for tokens in (1, 8, 40):
         static_x = torch.randn(tokens, w.shape[1], device=DEV).half()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
+        graph, static_y = capture_graph(lambda: layer(static_x))
         for _ in range(3):
             static_x.copy_(torch.randn_like(static_x))
             graph.replay()

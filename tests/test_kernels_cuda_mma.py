@@ -11,6 +11,7 @@ from esparse.errors import ConfigError
 from esparse_kernels.cuda_sp24 import CudaConfig, cuda_candidates, effective_splits, emulate, smem_bytes
 from esparse_kernels.linear import SparseLinear
 from esparse_kernels.pack import meta_to_sm90, pack_24, random_24_weight, reference_linear, rel_frobenius_error
+from esparse_kernels.testing import capture_graph
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -195,14 +196,7 @@ def test_programmatic_dependent_launches_keep_the_order():
     x = torch.randn(tokens, k, generator=gen).half().cuda() * 0.05
     for out, ref in zip(chain(x), reference(x)):
         assert rel_frobenius_error(out, ref) < 2e-3
-    graph = torch.cuda.CUDAGraph()
-    side_stream = torch.cuda.Stream()
-    side_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_stream):
-        chain(x)
-    torch.cuda.current_stream().wait_stream(side_stream)
-    with torch.cuda.graph(graph):
-        static = chain(x)
+    graph, static = capture_graph(lambda: chain(x))
     for _ in range(3):
         x.copy_(torch.randn(tokens, k, generator=gen).half() * 0.05)
         for o in static:
@@ -230,14 +224,7 @@ def test_cuda_kernel_is_graph_capturable_and_sync_free():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert rel_frobenius_error(y, reference_linear(x, packed)) < 1e-3
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(x)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        y_static = layer(x)
+    graph, y_static = capture_graph(lambda: layer(x))
     for _ in range(2):
         x.copy_(torch.randn(tokens, k, generator=gen).half())
         y_static.fill_(float("nan"))

@@ -13,6 +13,7 @@ import esparse_kernels.cutlass_sp24 as ct
 from esparse.errors import ConfigError
 from esparse_kernels.linear import SparseLinear
 from esparse_kernels.pack import pack_24, random_24_weight, reference_linear, rel_frobenius_error
+from esparse_kernels.testing import capture_graph
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -203,14 +204,7 @@ def test_decode_and_prefill_layer_keeps_one_metadata_copy():
     xs = [torch.randn(t, k, generator=gen).half().cuda() for t in (1, 16, 300)]
     for x in xs:
         assert rel_frobenius_error(layer(x), reference_linear(x, packed)) < 1e-3
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        [layer(x) for x in xs]
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        outs = [layer(x) for x in xs]
+    graph, outs = capture_graph(lambda: [layer(x) for x in xs])
     for x in xs:
         x.copy_(torch.randn(x.shape, generator=gen).half())
     for o in outs:

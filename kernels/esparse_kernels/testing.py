@@ -1,4 +1,5 @@
-"""A tiny pruned-model directory in the interfaces.md layout, for tests and smoke runs of the build."""
+"""Test support: a tiny pruned-model directory in the interfaces.md layout (for tests and smoke runs of
+the build) and CUDA-graph capture of a callable."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .pack import random_24_weight
+
+def capture_graph(fn):
+    """(graph, fn's output as captured): fn runs once on a side stream first (lazy allocations and
+    one-time launch set-up stay out of the capture), then once under torch.cuda.graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
 
 # name -> (out, in, kind): "2of4_perm" (2:4 after a channel shuffle), "2of4" (no shuffle), "4of8" (skipped)
 DEFAULT_LAYERS = {

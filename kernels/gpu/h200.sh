@@ -41,6 +41,13 @@ carried_wheels() {
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 }
 BENCH="$PY -m esparse_kernels.bench --tune-reps 5 --final-reps 20"
+# the CUDA decode extension and the CUTLASS prefill library, compiled side by side
+build_decode_and_prefill() {
+    stamp "build the CUDA extension and the CUTLASS prefill library"
+    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
+    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
+    wait
+}
 # the whole-model profiling grid of modes E and G (issue 6's prompts, batches and contexts)
 GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
 
@@ -99,10 +106,7 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     mkdir -p /tmp/stage && cp .stage/a/* /tmp/stage/ 2>/dev/null
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     carried_wheels  # nvidia-cutlass: the CUTLASS headers of the prefill kernel
-    stamp "build the CUDA extension and the CUTLASS prefill library"
-    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
-    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -5
-    wait
+    build_decode_and_prefill
     stamp "fused-kernel and decoder tests (compiled)"
     timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_fused.py tests/test_decoder.py 2>&1 | tail -6
     for target in llama-7b llama-13b; do
@@ -216,10 +220,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
   M|N)
     carried_wheels
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
-    stamp "build the CUDA extension and the CUTLASS prefill library"
-    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
-    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
-    wait
+    build_decode_and_prefill
     if [ "$MODE" = M ]; then
         stamp "CUDA tests of both kernels and the shared metadata"
         timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cutlass.py tests/test_kernels_cuda_mma.py \
@@ -260,10 +261,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     # decode at contexts 128 and 2048 (batch 1), tuned and profiled with PDL left out, then with it
     carried_wheels
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
-    stamp "build the CUDA extension and the CUTLASS prefill library"
-    timeout 240 $PY -c "from esparse_kernels import cuda_sp24 as c; c.load_extension(verbose=False); print('meta', c.meta_variant())" 2>&1 | tail -5 &
-    timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
-    wait
+    build_decode_and_prefill
     for tag in 0a 1 0b; do
         stamp "profile llama-7b, ESPARSE_PDL=${tag:0:1}"
         mkdir -p "$OUT/pdl$tag"
