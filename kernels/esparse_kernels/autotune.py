@@ -5,8 +5,9 @@ Backends:
 - ``ours``: the Triton kernels of triton_sp24 on the packed format, permutation included.
 - ``ours_cuda``: the CUDA C++ decode kernel of cuda_sp24 (sparse tensor cores, 1-16 tokens),
   permutation included (gathered once per CTA into shared memory).
-- ``ours_cutlass``: the prefill GEMM of cutlass_sp24 (CUTLASS's ``wgmma.sp`` kernels, Hopper, 64+
-  tokens), permutation included (x[:, perm] gathered by index_select before the GEMM).
+- ``ours_cutlass``: the prefill GEMM of cutlass_sp24 (CUTLASS's ``wgmma.sp`` kernels, Hopper, from
+  cutlass_sp24.MIN_TOKENS tokens), permutation included (x[:, perm] gathered by the library's own
+  kernel before the GEMM).
 - ``cusparselt``: ``torch._cslt_sparse_mm`` (permuted x via index_select + sparse GEMM), searched
   algorithm and a sweep of algorithm ids / split-K, timed under graph replay.
 - ``decompress_dense``: decompress the packed weight (Triton) into a scratch buffer, then cuBLAS.

