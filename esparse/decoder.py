@@ -136,6 +136,20 @@ class Decoder(nn.Module):
         inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32,
                                                                 device=device) / shape.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._groups: list | None = None  # per block (q/k/v group, gate/up group): group_projections()
+
+    def group_projections(self, tokens=(1,), reps: int = 10) -> None:
+        """Run q/k/v and gate/up of every block as grouped projections in the fused forward
+        (esparse_kernels.group.ProjectionGroup: one GEMM each, dense or 2:4, where that is faster);
+        `tokens`: the decode token counts to tune the 2:4 groups for."""
+        from esparse_kernels.group import ProjectionGroup
+
+        self._groups = [(ProjectionGroup([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], tokens, reps),
+                         ProjectionGroup([b.mlp.gate_proj, b.mlp.up_proj], tokens, reps)) for b in self.layers]
+
+    @property
+    def projection_groups(self) -> list:
+        return list(self._groups or [])
 
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
@@ -186,7 +200,8 @@ class Decoder(nn.Module):
     def _forward_fused(self, hidden, positions, cos, sin, cache: StaticCache, attend: int, causal_prefill: bool,
                        last_only: bool) -> torch.Tensor:
         """forward() with the non-GEMM work fused: per block two add+RMSNorm, one rope+cache-write and
-        one SiLU*mul launch around the seven linears and the attention kernel."""
+        one SiLU*mul launch around the seven linears (or, after group_projections(), the q/k/v and
+        gate/up groups, o and down) and the attention kernel."""
         from esparse_kernels.fused import add_rms_norm, rope_cache, silu_mul
 
         shape = self.shape
@@ -202,9 +217,10 @@ class Decoder(nn.Module):
             bias = bias.masked_fill_(~allowed, float("-inf"))[:, :attend]
         delta = None
         for index, block in enumerate(self.layers):
+            groups = self._groups[index] if self._groups else None
             x = add_rms_norm(hidden, delta, block.input_layernorm.weight, block.input_layernorm.eps)
             attn = block.self_attn
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = groups[0](x) if groups else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
             rope_cache(q, k, v, cos, sin, positions, cache.keys[index], cache.values[index])
             out = F.scaled_dot_product_attention(
                 q.view(batch, length, shape.heads, shape.head_dim).transpose(1, 2),
@@ -213,7 +229,8 @@ class Decoder(nn.Module):
             delta = attn.o_proj(out.transpose(1, 2).reshape(batch, length, shape.hidden))
             x = add_rms_norm(hidden, delta, block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)
             mlp = block.mlp
-            delta = mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            gate, up = groups[1](x) if groups else (mlp.gate_proj(x), mlp.up_proj(x))
+            delta = mlp.down_proj(silu_mul(gate, up))
         normed = add_rms_norm(hidden, delta, self.norm.weight, self.norm.eps)
         if last_only:
             normed = normed[:, -1:]

@@ -67,13 +67,16 @@ class ProfileSettings:
     dtype: str = "float16"
     seed: int = 0
     fused: bool = True      # False: the eager decoder (A/B of the fusion; CLI --eager)
+    # q/k/v and gate/up as one GEMM each, dense and 2:4 alike (fused decoder only; CLI --ungrouped)
+    grouped: bool = True
 
     @classmethod
     def from_config(cls, section: dict) -> "ProfileSettings":
         return cls(prefill_prompts=list(section["prefill"]["prompts"]), prefill_batches=list(section["prefill"]["batches"]),
                    decode_contexts=list(section["decode"]["contexts"]), decode_batches=list(section["decode"]["batches"]),
                    warmup=int(section["warmup"]), repeats=int(section["repeats"]), tune_reps=int(section["tune_reps"]),
-                   dtype=section["dtype"], seed=int(section.get("seed", 0)))
+                   dtype=section["dtype"], seed=int(section.get("seed", 0)),
+                   grouped=bool(section.get("grouped_projections", True)))
 
     def cases(self) -> list[tuple[str, int, int]]:
         """(phase, batch, length): prefill length = prompt tokens, decode length = context rows."""
@@ -186,6 +189,21 @@ def _backends(model: Decoder) -> str:
     return ";".join(sorted(found, key=lambda s: int(s.split(":")[0]))) if found else "cublas"
 
 
+def _decoder_label(model: Decoder) -> str:
+    """fused | eager, + "+grouped" when q/k/v and gate/up run grouped (the 2:4 groups where tuning found
+    one launch faster: grouped=<token buckets>)."""
+    if not model.fused:
+        return "eager"
+    groups = [g for pair in model.projection_groups for g in pair]
+    if not groups:
+        return "fused"
+    kinds = {g.kind for g in groups}
+    if kinds == {"dense"}:
+        return "fused+grouped"
+    buckets = sorted({t for g in groups for t in g._routes})
+    return "fused+grouped" + (f"(2:4 at {'/'.join(map(str, buckets))} tokens)" if buckets else "(2:4: none faster)")
+
+
 def random_packed_24(out_f: int, in_f: int, shuffle: bool, generator: torch.Generator, dtype, device):
     """A random weight (uniform, nn.Linear's scale) with its magnitude 2:4 mask, packed; with `shuffle`,
     the mask is 2:4 in a random column permutation, which the packed layer gathers at run time."""
@@ -254,9 +272,22 @@ def release_scratch() -> None:
 
 
 @torch.no_grad()
-def measure_variant(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict) -> tuple[list, list]:
+def measure_variant(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict,
+                    group_timings: list | None = None) -> tuple[list, list]:
+    """Latency and memory rows of one variant; with `group_timings`, appends what tuning the projection
+    groups measured (the first block's groups: every block of a shape shares their tuning)."""
     torch.cuda.empty_cache()
     model = build_variant(target, variant, settings, device, plans)
+    if settings.grouped and model.fused:
+        model.group_projections(tokens=[t for t in settings.token_counts() if t <= 16], reps=settings.tune_reps)
+        for group in (model.projection_groups[0] if model.projection_groups else ()):
+            for timing in group.timings:
+                log.info("%s %s group %s x %d, %d tokens: members %.2f us, grouped %.2f us (%s)", target,
+                         variant.method, group.widths, group.in_features, timing.tokens, timing.separate_us,
+                         timing.grouped_us, "grouped" if timing.grouped else "kept separate")
+            if group_timings is not None:
+                group_timings.append({**_base_row(target, variant), "kind": group.kind, "widths": group.widths,
+                                      "in_features": group.in_features, "timings": [t.to_dict() for t in group.timings]})
     shape: DecoderShape = model.shape
     base = _base_row(target, variant)
     backends = _backends(model)
@@ -309,7 +340,7 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
         latency.append({**base, "phase": phase, "batch": batch, "length": length, "median_ms": median,
                         "q1_ms": q1, "q3_ms": q3, "repeats": len(samples),
                         "tokens_per_s": new_tokens / (median / 1e3), "cuda_graph": graph,
-                        "decoder": "fused" if model.fused else "eager", "backends": backends,
+                        "decoder": _decoder_label(model), "backends": backends,
                         "status": "measured"})
         log.info("%s %s %s%s %s b=%d len=%d: %.3f ms", target, variant.method, variant.pattern,
                  "+shuffle" if variant.shuffle else "", phase, batch, length, median)
@@ -375,9 +406,9 @@ def profile_target(target: str, variants: list[Variant], settings: ProfileSettin
     dev = torch.device(device if ":" in device else "cuda:0")
     start = nvml_snapshot(dev.index or 0)
     plans: dict = {}
-    latency, memory = [], []
+    latency, memory, groups = [], [], []
     for variant in variants:
-        rows_l, rows_m = measure_variant(target, variant, settings, dev, plans)
+        rows_l, rows_m = measure_variant(target, variant, settings, dev, plans, groups)
         latency += rows_l
         memory += rows_m
         if on_variant is not None:  # e.g. save what is measured so far (a killed run keeps it)
@@ -385,7 +416,7 @@ def profile_target(target: str, variants: list[Variant], settings: ProfileSettin
     return {"target": target, "measured": True, "gpu_start": start, "gpu_end": nvml_snapshot(dev.index or 0),
             "device_name": torch.cuda.get_device_name(dev), "settings": asdict(settings),
             "timing": "CUDA events; decode: one CUDA-graph replay per sample; prefill: eager forward",
-            "latency": latency, "memory": memory}
+            "latency": latency, "memory": memory, "projection_groups": groups}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tune-reps", type=int, default=5)
     parser.add_argument("--eager", action="store_true", help="the unfused decoder (A/B of the fused kernels)")
+    parser.add_argument("--ungrouped", action="store_true",
+                        help="q/k/v and gate/up as separate GEMMs (A/B of the grouped projections)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -414,13 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = ProfileSettings(prefill_prompts=sorted({p for p, _ in prefill}), prefill_batches=sorted({b for _, b in prefill}),
                                decode_contexts=sorted({c for c, _ in decode}), decode_batches=sorted({b for _, b in decode}),
                                warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps,
-                               fused=not args.eager)
+                               fused=not args.eager, grouped=not args.ungrouped)
     known = {"dense": Variant("dense", "dense", False, "random"), "2:4": Variant("magnitude", "2:4", False, "random"),
              "2:4+shuffle": Variant("magnitude", "2:4", True, "random")}
     variants = [known[name] for name in args.variants.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_{args.target}{'_eager' if args.eager else ''}"
+    stem = f"profile_{args.target}{'_eager' if args.eager else ''}{'_ungrouped' if args.ungrouped else ''}"
 
     def save(latency, memory):
         (out / f"{stem}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))

@@ -78,6 +78,34 @@ def test_silu_mul_matches_eager():
     torch.testing.assert_close(fused.silu_mul(gate, up), torch.nn.functional.silu(gate) * up, rtol=2e-3, atol=2e-3)
 
 
+def test_grouped_projection_slices_are_read_in_place():
+    """q, k, v and gate, up as column slices of one grouped projection output: same results as copies."""
+    batch, tokens, q_heads, kv_heads, head_dim, max_len = 2, 3, 4, 2, 16, 8
+    widths = [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv = torch.randn(batch, tokens, sum(widths), generator=_gen(11)).to(DEVICE)
+    q, k, v = qkv.split(widths, dim=-1)
+    angles = torch.rand(tokens, head_dim // 2, generator=_gen(12)).to(DEVICE) * 6
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
+    positions = torch.tensor([1, 4, 6], device=DEVICE)
+    caches = [torch.zeros(batch, kv_heads, max_len, head_dim, device=DEVICE) for _ in range(4)]
+    q_copy = q.contiguous()
+    fused.rope_cache(q_copy, k.contiguous(), v.contiguous(), cos, sin, positions, caches[0], caches[1])
+    fused.rope_cache(q, k, v, cos, sin, positions, caches[2], caches[3])
+    torch.testing.assert_close(q, q_copy, rtol=0, atol=0)
+    torch.testing.assert_close(caches[2], caches[0], rtol=0, atol=0)
+    torch.testing.assert_close(caches[3], caches[1], rtol=0, atol=0)
+    gate_up = torch.randn(batch, tokens, 2 * 300, generator=_gen(13)).to(DEVICE, torch.float16)
+    gate, up = gate_up.split(300, dim=-1)
+    got = fused.silu_mul(gate, up)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, fused.silu_mul(gate.contiguous(), up.contiguous()), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="unit stride"):
+        fused.silu_mul(gate[..., ::2], up[..., ::2])
+    with pytest.raises(ConfigError, match="evenly strided"):
+        fused.silu_mul(gate.transpose(0, 1), up.transpose(0, 1))
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ConfigError, match="norm weight"):
         fused.add_rms_norm(torch.zeros(2, 8, device=DEVICE), None, torch.ones(4, device=DEVICE), 1e-6)

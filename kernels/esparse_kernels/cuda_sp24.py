@@ -23,6 +23,7 @@ workspace is built, never in the hot path).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from esparse.errors import ConfigError
 from .pack import Packed24, sm90_meta_shape
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("sp24_binding.cpp", "sp24_mma.cu")
+SOURCES = ("sp24_binding.cpp", "sp24_mma.cu")  # + sp24_mma.h, their shared interface
 MAX_TOKENS = 16
 CHUNK = 64  # input columns per chunk (two MMAs)
 DEPTHS = (4, 8)
@@ -73,9 +74,12 @@ def load_extension(verbose: bool = False):
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # compile for this GPU only
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    # torch rebuilds when a source or a flag changes, not a header: the header's digest is a flag
+    header_tag = "-DESPARSE_SP24_HEADER=" + hashlib.sha1((CSRC / "sp24_mma.h").read_bytes()).hexdigest()[:12]
     try:
         _EXT = load(name="esparse_sp24_cuda", sources=[str(CSRC / s) for s in SOURCES],
-                    extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "-std=c++17", header_tag], extra_cflags=["-O3", header_tag],
+                    extra_include_paths=[str(CSRC)],
                     build_directory=str(out), verbose=verbose)
     except Exception as exc:  # compiler missing or failing: the backend is unavailable, not fatal
         _EXT_ERROR = f"building the CUDA decode kernel failed: {type(exc).__name__}: {exc}"[:2000]
@@ -153,21 +157,74 @@ class CudaConfig:
 
 
 class CudaWorkspace:
-    """Split-K partials (fp32) and zeroed ticket counters for one (config, shape, max tokens)."""
+    """Split-K partials (fp32), zeroed ticket counters and staged inputs for one (config, shape or group
+    of shapes sharing x, max tokens). ``out_features``: one weight's rows, or each grouped weight's;
+    ``staged``: how many permutations the ``pre`` mode stages per call (one per distinct permutation)."""
 
-    def __init__(self, config: CudaConfig, out_features: int, max_tokens: int, device, in_features: int,
-                 dtype: torch.dtype = torch.float16):
+    def __init__(self, config: CudaConfig, out_features, max_tokens: int, device, in_features: int,
+                 dtype: torch.dtype = torch.float16, staged: int = 1):
         if max_tokens > MAX_TOKENS:
             raise ConfigError(f"the CUDA decode kernel takes at most {MAX_TOKENS} tokens, got {max_tokens}")
+        widths = [int(out_features)] if isinstance(out_features, int) else [int(n) for n in out_features]
+        if not 1 <= len(widths) <= MAX_GROUP or not 1 <= staged <= len(widths):
+            raise ConfigError(f"a launch takes 1..{MAX_GROUP} weights and stages 1..weights permutations, "
+                              f"got {len(widths)} weights and {staged} staged")
         splits = effective_splits(in_features, config.split_k)
-        tiles = -(-out_features // config.rows_per_cta)
-        self.partials = torch.empty(max(splits * max_tokens * out_features, 1) if splits > 1 else 1,
+        tiles = sum(-(-n // config.rows_per_cta) for n in widths)
+        self.partials = torch.empty(max(splits * max_tokens * sum(widths), 1) if splits > 1 else 1,
                                     dtype=torch.float32, device=device)
         self.counters = torch.zeros(max(tiles, 1), dtype=torch.int32, device=device)
         self.max_tokens = max_tokens
         # x[:, perm] in fragment order for the pre mode (filled by one sp24_stage launch per call)
-        self.xfrag = torch.empty(max_tokens * in_features, dtype=dtype, device=device) if config.pre else None
+        self.xfrag = (torch.empty(staged * max_tokens * in_features, dtype=dtype, device=device)
+                      if config.pre else None)
+        self.xfrag_copies = [] if self.xfrag is None else list(self.xfrag.chunk(staged))
         self.meta_variant = meta_variant()  # resolved now: it synchronises
+
+
+MAX_GROUP = 3  # weights one grouped launch runs (csrc/sp24_mma.h's kMaxGroup)
+
+
+def sp24_cuda_group_matmul(x: torch.Tensor, packs: list[Packed24], config: CudaConfig, workspace: CudaWorkspace,
+                           outs: list[torch.Tensor], metas_sm90: list | None = None) -> list[torch.Tensor]:
+    """outs[i][T, N_i] = x[T, K] @ W_i^T for 1-3 packed weights sharing x, in one launch (plus one staging
+    launch in the ``pre`` modes, one staged copy per distinct permutation); 1 <= T <= 16.
+
+    ``outs`` may be column slices of one [T, sum(N_i)] buffer. ``metas_sm90[i]``: weight i's metadata in
+    CUTLASS's sm90 layout, read instead of ``packs[i].meta`` (or None). No host synchronisation, no
+    allocation.
+    """
+    ext = load_extension()
+    t = x.shape[0]
+    if t > workspace.max_tokens:
+        raise ConfigError(f"workspace sized for {workspace.max_tokens} tokens, got {t}")
+    metas_sm90 = metas_sm90 or [None] * len(packs)
+    xfrags = [None] * len(packs)
+    if config.pre:
+        if workspace.xfrag is None or workspace.xfrag.dtype != x.dtype:
+            raise ConfigError(f"{config.label} needs a workspace built for it with dtype {x.dtype}")
+        distinct: list = []  # one staged copy per distinct permutation (by identity)
+        for i, packed in enumerate(packs):
+            slot = next((j for j, p in enumerate(distinct) if p is packed.perm), None)
+            if slot is None:
+                slot = len(distinct)
+                distinct.append(packed.perm)
+            if slot >= len(workspace.xfrag_copies):
+                raise ConfigError(f"workspace stages {len(workspace.xfrag_copies)} permutations, the call needs more")
+            xfrags[i] = workspace.xfrag_copies[slot]
+        ext.sp24_stage(x, distinct, workspace.xfrag_copies[:len(distinct)], config.pdl)
+    metas, aligned = [], []
+    for packed, meta_sm90 in zip(packs, metas_sm90):
+        if meta_sm90 is None:
+            metas.append(packed.meta)
+            aligned.append(0)
+        else:
+            metas.append(meta_sm90)
+            aligned.append(sm90_meta_shape(packed.out_features, packed.in_features)[0])
+    ext.sp24_mma(x, [p.perm for p in packs], [p.values for p in packs], metas, outs, workspace.partials,
+                 workspace.counters, config.split_k, config.warps, config.depth, workspace.meta_variant, xfrags,
+                 config.direct, aligned, config.pdl)
+    return outs
 
 
 def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, workspace: CudaWorkspace,
@@ -178,24 +235,9 @@ def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, work
     ``packed.meta`` (which may then be empty): the layout a layer holding the CUTLASS prefill path keeps.
     No host synchronisation; allocates only `out` when it is not given (caching allocator).
     """
-    ext = load_extension()
-    t = x.shape[0]
-    if t > workspace.max_tokens:
-        raise ConfigError(f"workspace sized for {workspace.max_tokens} tokens, got {t}")
     if out is None:
-        out = torch.empty(t, packed.out_features, dtype=x.dtype, device=x.device)
-    xfrag = None
-    if config.pre:
-        xfrag = workspace.xfrag
-        if xfrag is None or xfrag.dtype != x.dtype:
-            raise ConfigError(f"{config.label} needs a workspace built for it with dtype {x.dtype}")
-        ext.sp24_stage(x, packed.perm, xfrag, config.pdl)
-    meta, rows_aligned = packed.meta, 0
-    if meta_sm90 is not None:
-        meta, rows_aligned = meta_sm90, sm90_meta_shape(packed.out_features, packed.in_features)[0]
-    ext.sp24_mma(x, packed.perm, packed.values, meta, out, workspace.partials, workspace.counters,
-                 config.split_k, config.warps, config.depth, workspace.meta_variant, xfrag, config.direct, rows_aligned,
-                 config.pdl)
+        out = torch.empty(x.shape[0], packed.out_features, dtype=x.dtype, device=x.device)
+    sp24_cuda_group_matmul(x, [packed], config, workspace, [out], [meta_sm90])
     return out
 
 
@@ -210,8 +252,8 @@ def _check_variant(ext, variant: int, device) -> bool:
         out = torch.full((tokens, 80), float("nan"), dtype=torch.float16, device=device)
         ws = torch.empty(split * tokens * 80, dtype=torch.float32, device=device)
         cnt = torch.zeros(8, dtype=torch.int32, device=device)
-        ext.sp24_mma(x, packed.perm, packed.values, packed.meta, out, ws, cnt, split, 4, 4, variant, None, False, 0,
-                     False)
+        ext.sp24_mma(x, [packed.perm], [packed.values], [packed.meta], [out], ws, cnt, split, 4, 4, variant, [None],
+                     False, [0], False)
         if not rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3:
             return False
     return True
@@ -463,7 +505,7 @@ def roofline_us(out_features: int, in_features: int, tokens: int, bytes_per_s: f
 
 
 __all__ = [
-    "CudaConfig", "CudaWorkspace", "sp24_cuda_matmul", "cuda_candidates", "available", "load_extension",
+    "CudaConfig", "CudaWorkspace", "sp24_cuda_matmul", "sp24_cuda_group_matmul", "MAX_GROUP", "cuda_candidates", "available", "load_extension",
     "meta_variant", "effective_splits", "smem_bytes", "emulate", "emulate_stage", "staged_by_columns", "pdl_supported",
     "supports_shape", "roofline_us",
 ]

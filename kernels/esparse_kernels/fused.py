@@ -11,22 +11,71 @@ replace them:
   rows of the static KV cache at device-side positions (graph-capturable: no host value involved);
 - ``silu_mul``: silu(gate) * up.
 
+q, k, v and gate, up may be column slices of one grouped projection's output (rows evenly strided,
+unit stride along features): the kernels take row strides, so no copy splits them.
+
+Programmatic dependent launch (Hopper, as the decode kernel of csrc/sp24_mma.cu): on a device of
+compute capability 9.0+ each kernel is launched as a dependent of the kernel before it, waits for it
+(``gdc_wait``) before touching memory, and at once lets the next kernel launch
+(``gdc_launch_dependents``), so the GEMM after a norm streams its first weights while the norm
+runs. ``ESPARSE_PDL=0`` turns it off here and in the decode kernel, ``ESPARSE_PDL_FUSED=0`` here
+only (the A/Bs of docs/PERFORMANCE.md).
+
 Arithmetic is fp32 inside each kernel with one rounding to the storage dtype; the decoder's eager path
 (same formulas in PyTorch) is the reference in the tests, which run under ``TRITON_INTERPRET=1`` on CPU.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from esparse.errors import ConfigError
 
 
+def _launch_options(tensor: torch.Tensor) -> dict:
+    """Launch keywords: programmatic dependent launch on Hopper and newer (see the module doc)."""
+    if tensor.device.type != "cuda" or "0" in (os.environ.get("ESPARSE_PDL", "1"),
+                                               os.environ.get("ESPARSE_PDL_FUSED", "1")):
+        return {"PDL": False}
+    if torch.cuda.get_device_capability(tensor.device)[0] < 9:
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def _wait_and_release(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()  # the previous kernel's writes are visible
+        gdc_launch_dependents()  # the next kernel may launch and prefetch what it does not share with us
+
+
+def _row_stride(tensor: torch.Tensor, name: str) -> int:
+    """Elements between consecutive rows of a [..., features] tensor whose leading dims flatten to
+    evenly strided rows with unit stride along features (a column slice of a contiguous buffer)."""
+    if tensor.stride(-1) != 1:
+        raise ConfigError(f"{name} needs unit stride along its last dimension, got strides {tensor.stride()}")
+    stride = expected = None
+    for size, step in zip(reversed(tensor.shape[:-1]), reversed(tensor.stride()[:-1])):
+        if size == 1:
+            continue
+        if stride is None:
+            stride = step
+        elif step != expected:
+            raise ConfigError(f"{name} rows are not evenly strided (shape {tuple(tensor.shape)}, strides "
+                              f"{tensor.stride()})")
+        expected = step * size
+    return tensor.shape[-1] if stride is None else stride
+
+
 @triton.jit
 def _add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_and_release(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -56,13 +105,16 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
     rows = residual.numel() // hidden
     block = triton.next_power_of_2(hidden)
     _add_rms_norm_kernel[(rows,)](residual, delta if delta is not None else residual, weight, out, hidden, eps,
-                                  HAS_DELTA=delta is not None, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+                                  HAS_DELTA=delta is not None, BLOCK=block, num_warps=4 if block <= 4096 else 8,
+                                  **_launch_options(residual))
     return out
 
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, ck_ptr, cv_ptr,
-                       T, HQ, HKV, MAXLEN, D: tl.constexpr, HALF: tl.constexpr):
+                       T, HQ, HKV, MAXLEN, q_row, k_row, v_row, D: tl.constexpr, HALF: tl.constexpr,
+                       PDL: tl.constexpr):
+    _wait_and_release(PDL)
     bt = tl.program_id(0)       # one (sequence, token) row
     head = tl.program_id(1)     # one query head (and, for head < HKV, one key/value head)
     b = bt // T
@@ -70,7 +122,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, ck_ptr, c
     i = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + t * D + i).to(tl.float32)
     sin = tl.load(sin_ptr + t * D + i).to(tl.float32)
-    q_base = q_ptr + bt.to(tl.int64) * HQ * D + head * D
+    q_base = q_ptr + bt.to(tl.int64) * q_row + head * D
     q1 = tl.load(q_base + i).to(tl.float32)
     q2 = tl.load(q_base + HALF + i).to(tl.float32)
     tl.store(q_base + i, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty))
@@ -78,12 +130,12 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, ck_ptr, c
     if head < HKV:
         pos = tl.load(pos_ptr + t)
         row = ((b.to(tl.int64) * HKV + head) * MAXLEN + pos) * D
-        k_base = k_ptr + bt.to(tl.int64) * HKV * D + head * D
+        k_base = k_ptr + bt.to(tl.int64) * k_row + head * D
         k1 = tl.load(k_base + i).to(tl.float32)
         k2 = tl.load(k_base + HALF + i).to(tl.float32)
         tl.store(ck_ptr + row + i, (k1 * cos - k2 * sin).to(ck_ptr.dtype.element_ty))
         tl.store(ck_ptr + row + HALF + i, (k2 * cos + k1 * sin).to(ck_ptr.dtype.element_ty))
-        v_base = v_ptr + bt.to(tl.int64) * HKV * D + head * D
+        v_base = v_ptr + bt.to(tl.int64) * v_row + head * D
         tl.store(cv_ptr + row + i, tl.load(v_base + i))
         tl.store(cv_ptr + row + HALF + i, tl.load(v_base + HALF + i))
 
@@ -92,12 +144,14 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
                positions: torch.Tensor, cache_keys: torch.Tensor, cache_values: torch.Tensor) -> None:
     """Rotate q [B, T, HQ*D] in place; write rotated k and v ([B, T, HKV*D]) into cache rows
     positions[t] of cache_keys/cache_values [B, HKV, MAXLEN, D]. cos/sin: [T, D] (LLaMA's duplicated
-    halves, the rotate_half convention)."""
+    halves, the rotate_half convention). q, k, v may be column slices of one buffer (evenly strided
+    rows)."""
     batch, kv_heads, max_len, head_dim = cache_keys.shape
     tokens = q.shape[1]
     if head_dim % 2 or head_dim & (head_dim - 1):
         raise ConfigError(f"rope_cache needs a power-of-two head_dim, got {head_dim}")
-    for name, tensor in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("positions", positions)):
+    rows = [_row_stride(tensor, name) for name, tensor in (("q", q), ("k", k), ("v", v))]
+    for name, tensor in (("cos", cos), ("sin", sin), ("positions", positions)):
         if not tensor.is_contiguous():
             raise ConfigError(f"rope_cache needs a contiguous {name}")
     if not (cache_keys.is_contiguous() and cache_values.is_contiguous()):
@@ -107,26 +161,33 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         raise ConfigError(f"rope_cache shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                           f"cos {tuple(cos.shape)}, cache {tuple(cache_keys.shape)}")
     _rope_cache_kernel[(batch * tokens, q_heads)](q, k, v, cos, sin, positions, cache_keys, cache_values,
-                                                  tokens, q_heads, kv_heads, max_len, D=head_dim,
-                                                  HALF=head_dim // 2, num_warps=1)
+                                                  tokens, q_heads, kv_heads, max_len, *rows, D=head_dim,
+                                                  HALF=head_dim // 2, num_warps=1, **_launch_options(q))
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_row, up_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_and_release(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < width
+    g = tl.load(gate_ptr + row * gate_row + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * up_row + cols, mask=ok, other=0.0).to(tl.float32)
     # eager rounding order: silu rounded to the storage dtype, then the product
     silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * width + cols, (silu * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape or not (gate.is_contiguous() and up.is_contiguous()):
-        raise ConfigError("silu_mul needs contiguous gate and up of one shape")
-    out = torch.empty_like(gate)
-    n = gate.numel()
+    """silu(gate) * up, contiguous; gate and up may be column slices of one buffer (evenly strided rows)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ConfigError(f"silu_mul needs gate and up of one shape and dtype, got {tuple(gate.shape)} "
+                          f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    strides = _row_stride(gate, "gate"), _row_stride(up, "up")
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    width = gate.shape[-1]
+    rows = gate.numel() // max(width, 1)
     block = 2048
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(width, block))](gate, up, out, width, *strides, BLOCK=block, num_warps=4,
+                                                        **_launch_options(gate))
     return out

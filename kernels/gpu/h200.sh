@@ -23,6 +23,8 @@
 #    LLaMA-7B whole-model grid (M_TARGETS to change it).
 # N: the decode and small-batch buckets (1, 16, 32 tokens; N_TOKENS) of the LLaMA shapes with the
 #    metadata layout the layers keep, CUTLASS candidates from 16 tokens, then the LLaMA-13B grid.
+# R: grouped projections and programmatic launch of the fused Triton kernels: GPU tests, then an A/B
+#    of the LLaMA-7B decode step (ungrouped without fused-kernel PDL, ungrouped, grouped).
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
 # attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
@@ -270,6 +272,30 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
         ESPARSE_PDL=${tag:0:1} timeout 100 $PY -m esparse.profiling --target llama-7b --variants dense,2:4+shuffle \
             --prefill 2048:1 --decode 128:1,2048:1 --repeats 30 --tune-reps 5 --out "$OUT/pdl$tag" 2>&1 \
             | grep -E "ms$|Error|error" | tail -8
+    done
+    ;;
+  R)
+    # grouped projections (q/k/v and gate/up as one GEMM each, dense and 2:4) and programmatic launch of
+    # the fused Triton kernels: the GPU tests, then an A/B of the LLaMA-7B decode step on one machine:
+    # ungrouped without fused-kernel PDL (run Q1's setup), ungrouped with it, grouped (R_TARGETS)
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    build_decode_and_prefill
+    stamp "CUDA tests of the grouped launch, the fused kernels and the decode kernel"
+    timeout 200 $PY -m pytest -q -p no:cacheprovider -rs -x tests/test_kernels_group.py tests/test_kernels_fused.py \
+        tests/test_kernels_cuda_mma.py 2>&1 | tee "$OUT/pytest_r.log" | tail -6
+    for target in ${R_TARGETS:-llama-7b}; do
+        for tag in ungrouped_fusedpdl0 grouped ungrouped; do
+            stamp "profile $target, $tag"
+            mkdir -p "$OUT/$tag"
+            flags=""
+            [ "${tag#ungrouped}" != "$tag" ] && flags="--ungrouped"
+            fused_pdl=1
+            [ "$tag" = ungrouped_fusedpdl0 ] && fused_pdl=0
+            ESPARSE_PDL_FUSED=$fused_pdl timeout 150 $PY -m esparse.profiling --target "$target" \
+                --variants dense,2:4+shuffle --prefill 2048:1 --decode ${R_DECODE:-128:1,2048:1} --repeats 30 \
+                --tune-reps 5 $flags --out "$OUT/$tag" 2>&1 | grep -E "ms$|Error|error|grouped" | tail -10
+        done
     done
     ;;
   T)

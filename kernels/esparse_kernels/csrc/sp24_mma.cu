@@ -33,6 +33,11 @@
 // the ramp of one overlaps the tail of the other. Without the launch attribute both instructions
 // do nothing.
 //
+// Grouped launch. One launch may run up to kMaxGroup problems that share x (q, k and v; gate and up):
+// blockIdx.x counts the row tiles of all of them, problem after problem, and each CTA reads its
+// problem's weights, permutation, workspace and output. Several small GEMMs then fill the GPU as one
+// larger one, with one launch (and one ramp and tail) instead of several.
+//
 // Split-K. blockIdx.y splits the 64-column chunks; partials go to a fp32 workspace and the last CTA
 // of each row tile (an atomic ticket) sums them in split order, writes the output and resets its
 // counter: one launch, deterministic, no memset, graph-capturable.
@@ -41,6 +46,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
+
+#include "sp24_mma.h"
 
 namespace esparse_sp24 {
 
@@ -61,6 +68,12 @@ struct Params {
                            // (pack.py's meta_to_sm90) padded to this many rows
   int pdl;                 // launched as a programmatic dependent launch (see the header)
   const uint4* xfrag;      // x already in B-fragment order for all of K (sp24_stage_kernel), or nullptr
+};
+
+struct GroupParams {
+  Params prob[kMaxGroup];
+  int tile_end[kMaxGroup];  // row tiles of problems 0..i together
+  int count;
 };
 
 template <bool BF16>
@@ -131,9 +144,14 @@ __device__ __forceinline__ uint16_t to_bits(float v, bool bf16) {
 }
 
 template <bool BF16, int NT, int D, bool DIRECT>
-__global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
+__global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ GroupParams g) {
   extern __shared__ uint4 xs[];  // [chunks][2][T][4] uint4 = B fragments
   __shared__ int s_last;
+  int which = 0;  // this CTA's problem
+#pragma unroll
+  for (int i = 1; i < kMaxGroup; ++i) which += (i < g.count && (int)blockIdx.x >= g.tile_end[i - 1]) ? 1 : 0;
+  const Params& p = g.prob[which];
+  const int tile = (int)blockIdx.x - (which > 0 ? g.tile_end[which - 1] : 0);  // row tile within it
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
@@ -143,7 +161,7 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   const int c_begin = blockIdx.y * p.chunks_per_split;
   const int nc = min(p.chunks_per_split, p.nchunks - c_begin);
   const int tile_rows = 16 * nwarps;
-  const int row0 = blockIdx.x * tile_rows + warp * 16;
+  const int row0 = tile * tile_rows + warp * 16;
   // rows past N read row N-1 (valid data and valid metadata); their results are never stored
   const int ra = min(row0 + gid, p.n - 1);
   const int rb = min(row0 + gid + 8, p.n - 1);
@@ -378,13 +396,13 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
   }
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
+  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
   __syncthreads();
   if (!s_last) return;
   __threadfence();
   // Sum the partials in split order (deterministic), four splits and two outputs per thread at a
   // time so that the loads are in flight together.
-  const int tile0 = blockIdx.x * tile_rows;
+  const int tile0 = tile * tile_rows;
   const int outputs = tile_rows * T;
   for (int i0 = threadIdx.x; i0 < outputs; i0 += 2 * blockDim.x) {
     float sum[2];
@@ -413,15 +431,23 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const Params p) {
       if (idx < outputs && r < p.n) p.out[(size_t)(idx / tile_rows) * p.ldo + r] = to_bits(sum[o], BF16);
     }
   }
-  if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
+  if (threadIdx.x == 0) p.counters[tile] = 0;
 }
 
 // x[t, perm[col]] for all of K in B-fragment order: slot ((c*2 + j)*T + t)*4 + tq holds the 8 halves
 // of thread tq for chunk c, MMA j, token t (the layout the decode kernel stages in shared memory).
 // One 16-byte store per thread, its 8 gathers in flight together.
-__global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restrict__ x, const int32_t* perm,
-                                                        uint4* __restrict__ xfrag, int k, int t_count, int ldx) {
+struct StageGroup {
+  const int32_t* perm[kMaxGroup];  // per staged copy (nullptr: identity)
+  uint4* xfrag[kMaxGroup];
+};
+
+// blockIdx.y: which copy (one per distinct permutation of a grouped launch).
+__global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restrict__ x, const __grid_constant__ StageGroup sg,
+                                                        int k, int t_count, int ldx) {
   wait_for_previous_grid_and_release_next();  // x comes from, xfrag may still be read by, earlier kernels
+  const int32_t* perm = sg.perm[blockIdx.y];
+  uint4* __restrict__ xfrag = sg.xfrag[blockIdx.y];
   const int slots = (k / 64) * 2 * t_count * 4;
   const int q = blockIdx.x * blockDim.x + threadIdx.x;
   if (q >= slots) return;
@@ -467,7 +493,7 @@ static cudaError_t launch_kernel(Kernel kern, dim3 grid, int threads, size_t sme
 }
 
 template <bool BF16, int NT, int D, bool DIRECT>
-static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+static cudaError_t launch_one(const GroupParams& g, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   auto kern = sp24_mma_kernel<BF16, NT, D, DIRECT>;
   static bool configured = false;  // raise the dynamic shared-memory limit once per instantiation
   if (!configured) {
@@ -479,66 +505,81 @@ static cudaError_t launch_one(const Params& p, dim3 grid, int threads, size_t sm
     if (err != cudaSuccess) return err;
     configured = true;
   }
-  const cudaError_t err = launch_kernel(kern, grid, threads, smem, stream, p.pdl != 0, p);
+  const cudaError_t err = launch_kernel(kern, grid, threads, smem, stream, g.prob[0].pdl != 0, g);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <bool BF16, bool DIRECT>
-static cudaError_t launch_tiles(const Params& p, dim3 grid, int threads, size_t smem, int depth, bool two,
+static cudaError_t launch_tiles(const GroupParams& g, dim3 grid, int threads, size_t smem, int depth, bool two,
                                 cudaStream_t stream) {
-  if (two) return depth == 8 ? launch_one<BF16, 2, 8, DIRECT>(p, grid, threads, smem, stream)
-                             : launch_one<BF16, 2, 4, DIRECT>(p, grid, threads, smem, stream);
-  return depth == 8 ? launch_one<BF16, 1, 8, DIRECT>(p, grid, threads, smem, stream)
-                    : launch_one<BF16, 1, 4, DIRECT>(p, grid, threads, smem, stream);
+  if (two) return depth == 8 ? launch_one<BF16, 2, 8, DIRECT>(g, grid, threads, smem, stream)
+                             : launch_one<BF16, 2, 4, DIRECT>(g, grid, threads, smem, stream);
+  return depth == 8 ? launch_one<BF16, 1, 8, DIRECT>(g, grid, threads, smem, stream)
+                    : launch_one<BF16, 1, 4, DIRECT>(g, grid, threads, smem, stream);
 }
 
-// Returns cudaSuccess or the launch error. Requirements (checked by the caller): K % 64 == 0,
-// 1 <= T <= 16, splits >= 1, warps in {1..8}, depth in {4, 8}; ws holds splits*T*N floats and
-// counters ceil(N / (16*warps)) zeroed ints when splits > 1; `direct` only with xfrag.
-cudaError_t sp24_mma_launch(const void* x, const int32_t* perm, const void* vals, const uint32_t* meta,
-                            void* out, float* ws, int* counters, int n, int k, int t, int ldx, int ldo,
-                            int splits, int warps, int depth, int meta_variant, int meta_rows_aligned,
-                            bool bf16, const void* xfrag, bool direct, bool pdl, cudaStream_t stream,
-                            size_t* smem_out) {
-  Params p;
-  p.xfrag = static_cast<const uint4*>(xfrag);
-  p.x = static_cast<const uint16_t*>(x);
-  p.perm = perm;
-  p.vals = static_cast<const uint8_t*>(vals);
-  p.meta = meta;
-  p.out = static_cast<uint16_t*>(out);
-  p.ws = ws;
-  p.counters = counters;
-  p.n = n;
-  p.k = k;
-  p.t = t;
-  p.ldx = ldx;
-  p.ldo = ldo;
-  p.nchunks = k / 64;
-  p.chunks_per_split = (p.nchunks + splits - 1) / splits;
-  p.splits = (p.nchunks + p.chunks_per_split - 1) / p.chunks_per_split;  // no empty split
-  p.meta_variant = meta_variant;
-  p.meta_rows_aligned = meta_rows_aligned;
-  p.pdl = pdl ? 1 : 0;
+// Returns cudaSuccess or the launch error. Requirements (checked by the caller): 1 <= count <= kMaxGroup
+// problems sharing x (so K and T), K % 64 == 0, 1 <= T <= 16, splits >= 1, warps in {1..8}, depth in
+// {4, 8}; each problem's ws holds splits*T*N floats and its counters ceil(N / (16*warps)) zeroed ints
+// when splits > 1; `direct` only with every problem's xfrag.
+cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int k, int t, int ldx, int splits,
+                            int warps, int depth, int meta_variant, bool bf16, bool direct, bool pdl,
+                            cudaStream_t stream) {
+  if (count < 1 || count > kMaxGroup) return cudaErrorInvalidValue;
+  GroupParams g = {};
+  g.count = count;
   const int tile_rows = 16 * warps;
-  dim3 grid((n + tile_rows - 1) / tile_rows, p.splits);
-  if (direct && xfrag == nullptr) return cudaErrorInvalidValue;
-  const size_t smem = direct ? 0 : (size_t)p.chunks_per_split * 64 * t * 2;
-  if (smem_out) *smem_out = smem;
+  const int nchunks = k / 64;
+  const int cps = (nchunks + splits - 1) / splits;
+  int tiles = 0;
+  for (int i = 0; i < count; ++i) {
+    const Problem& q = probs[i];
+    Params& p = g.prob[i];
+    if (direct && q.xfrag == nullptr) return cudaErrorInvalidValue;
+    p.xfrag = static_cast<const uint4*>(q.xfrag);
+    p.x = static_cast<const uint16_t*>(x);
+    p.perm = q.perm;
+    p.vals = static_cast<const uint8_t*>(q.vals);
+    p.meta = q.meta;
+    p.out = static_cast<uint16_t*>(q.out);
+    p.ws = q.ws;
+    p.counters = q.counters;
+    p.n = q.n;
+    p.k = k;
+    p.t = t;
+    p.ldx = ldx;
+    p.ldo = q.ldo;
+    p.nchunks = nchunks;
+    p.chunks_per_split = cps;
+    p.splits = (nchunks + cps - 1) / cps;  // no empty split
+    p.meta_variant = meta_variant;
+    p.meta_rows_aligned = q.meta_rows_aligned;
+    p.pdl = pdl ? 1 : 0;
+    tiles += (q.n + tile_rows - 1) / tile_rows;
+    g.tile_end[i] = tiles;
+  }
+  dim3 grid(tiles, g.prob[0].splits);
+  const size_t smem = direct ? 0 : (size_t)cps * 64 * t * 2;
   const int threads = 32 * warps;
   const bool two = t > 8;
-  if (bf16) return direct ? launch_tiles<true, true>(p, grid, threads, smem, depth, two, stream)
-                          : launch_tiles<true, false>(p, grid, threads, smem, depth, two, stream);
-  return direct ? launch_tiles<false, true>(p, grid, threads, smem, depth, two, stream)
-                : launch_tiles<false, false>(p, grid, threads, smem, depth, two, stream);
+  if (bf16) return direct ? launch_tiles<true, true>(g, grid, threads, smem, depth, two, stream)
+                          : launch_tiles<true, false>(g, grid, threads, smem, depth, two, stream);
+  return direct ? launch_tiles<false, true>(g, grid, threads, smem, depth, two, stream)
+                : launch_tiles<false, false>(g, grid, threads, smem, depth, two, stream);
 }
 
-cudaError_t sp24_stage_launch(const void* x, const int32_t* perm, void* xfrag, int k, int t, int ldx,
-                              bool pdl, cudaStream_t stream) {
+// x[:, perm_i] in fragment order into xfrag_i for each of `count` (perm, xfrag) pairs, one launch.
+cudaError_t sp24_stage_launch(const void* x, const int32_t* const* perms, void* const* xfrags, int count, int k,
+                              int t, int ldx, bool pdl, cudaStream_t stream) {
+  if (count < 1 || count > kMaxGroup) return cudaErrorInvalidValue;
+  StageGroup sg = {};
+  for (int i = 0; i < count; ++i) {
+    sg.perm[i] = perms[i];
+    sg.xfrag[i] = static_cast<uint4*>(xfrags[i]);
+  }
   const int slots = (k / 64) * 2 * t * 4;
-  const cudaError_t err = launch_kernel(sp24_stage_kernel, dim3((slots + 255) / 256), 256, 0, stream, pdl,
-                                        static_cast<const uint16_t*>(x), perm, static_cast<uint4*>(xfrag), k,
-                                        t, ldx);
+  const cudaError_t err = launch_kernel(sp24_stage_kernel, dim3((slots + 255) / 256, count), 256, 0, stream, pdl,
+                                        static_cast<const uint16_t*>(x), sg, k, t, ldx);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
