@@ -282,7 +282,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
     stamp "CUDA tests of the grouped launch, the fused kernels and the decode kernel"
-    timeout 200 $PY -m pytest -q -p no:cacheprovider -rs -x tests/test_kernels_group.py tests/test_kernels_fused.py \
+    timeout 170 $PY -m pytest -q -p no:cacheprovider -rs -x tests/test_kernels_group.py tests/test_kernels_fused.py \
         tests/test_kernels_cuda_mma.py 2>&1 | tee "$OUT/pytest_r.log" | tail -6
     for target in ${R_TARGETS:-llama-7b}; do
         for tag in ungrouped_fusedpdl0 grouped ungrouped; do
@@ -292,7 +292,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
             [ "${tag#ungrouped}" != "$tag" ] && flags="--ungrouped"
             fused_pdl=1
             [ "$tag" = ungrouped_fusedpdl0 ] && fused_pdl=0
-            ESPARSE_PDL_FUSED=$fused_pdl timeout 150 $PY -m esparse.profiling --target "$target" \
+            ESPARSE_PDL_FUSED=$fused_pdl timeout 120 $PY -m esparse.profiling --target "$target" \
                 --variants dense,2:4+shuffle --prefill 2048:1 --decode ${R_DECODE:-128:1,2048:1} --repeats 30 \
                 --tune-reps 5 $flags --out "$OUT/$tag" 2>&1 | grep -E "ms$|Error|error|grouped" | tail -10
         done
