@@ -288,8 +288,8 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
         for tag in ungrouped_fusedpdl0 grouped ungrouped; do
             stamp "profile $target, $tag"
             mkdir -p "$OUT/$tag"
-            flags=""
-            [ "${tag#ungrouped}" != "$tag" ] && flags="--ungrouped"
+            flags="--grouped"
+            [ "${tag#ungrouped}" != "$tag" ] && flags=""
             fused_pdl=1
             [ "$tag" = ungrouped_fusedpdl0 ] && fused_pdl=0
             ESPARSE_PDL_FUSED=$fused_pdl timeout 120 $PY -m esparse.profiling --target "$target" \
