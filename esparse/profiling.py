@@ -201,7 +201,7 @@ def _decoder_label(model: Decoder) -> str:
     kinds = {g.kind for g in groups}
     if kinds == {"dense"}:
         return "fused+grouped"
-    buckets = sorted({t for g in groups for t in g._routes})
+    buckets = sorted({t for g in groups for t in g.grouped_tokens})
     return "fused+grouped" + (f"(2:4 at {'/'.join(map(str, buckets))} tokens)" if buckets else "(2:4: none faster)")
 
 

@@ -189,6 +189,11 @@ class ProjectionGroup(nn.Module):
     def members(self) -> list[nn.Module]:
         return list(self._members)
 
+    @property
+    def grouped_tokens(self) -> list[int]:
+        """Token buckets that run as one launch (2:4 groups; empty otherwise)."""
+        return sorted(self._routes)
+
     def _route(self, tokens: int):
         for size in sorted(self._routes):
             if tokens <= size:
@@ -216,7 +221,7 @@ class ProjectionGroup(nn.Module):
         return out.view(*lead, sum(self.widths)).split(self.widths, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, widths={self.widths}, in_features={self.in_features}, grouped_tokens={sorted(self._routes)}"
+        return f"kind={self.kind}, widths={self.widths}, in_features={self.in_features}, grouped_tokens={self.grouped_tokens}"
 
 
 __all__ = ["ProjectionGroup", "GroupTiming"]
