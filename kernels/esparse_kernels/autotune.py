@@ -115,7 +115,7 @@ class Measurement:
         return out
 
 
-def _copy_packed(p: Packed24) -> Packed24:
+def copy_packed(p: Packed24) -> Packed24:
     return Packed24(values=p.values.clone(), meta=p.meta.clone(),
                     perm=None if p.perm is None else p.perm.clone(), shape=p.shape)
 
@@ -168,10 +168,10 @@ class ShapeBench:
             if kind == "dense":
                 lst.append(self.weight if not lst else self.weight.clone())
             elif kind == "packed":
-                lst.append(self.packed if not lst else _copy_packed(self.packed))
+                lst.append(self.packed if not lst else copy_packed(self.packed))
             elif kind == "packed_noperm":
                 base = self._copies.get("packed", [self.packed])
-                src = base[len(lst)] if len(lst) < len(base) else _copy_packed(self.packed)
+                src = base[len(lst)] if len(lst) < len(base) else copy_packed(self.packed)
                 lst.append(Packed24(src.values, src.meta, None, src.shape))
             elif kind == "cslt":
                 lst.append(cslt.compress(self.dense_perm()) if not lst else lst[0].clone())

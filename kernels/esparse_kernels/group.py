@@ -29,7 +29,8 @@ from torch import nn
 
 from esparse.errors import ConfigError
 
-from .pack import Packed24, rel_frobenius_error
+from .autotune import copy_packed
+from .pack import rel_frobenius_error
 from .timing import l2_bytes, rotation_sets, time_calls
 
 _GROUP_PLANS: dict[tuple, dict] = {}  # (widths, in_features, tokens, dtype, permuted, device) -> tuning result
@@ -52,11 +53,6 @@ class GroupTiming:
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "separate_us": self.separate_us, "grouped_us": self.grouped_us,
                 "config": self.config, "candidates": self.candidates, "grouped": self.grouped}
-
-
-def _copy(packed: Packed24) -> Packed24:
-    return Packed24(packed.values.clone(), packed.meta.clone(), None if packed.perm is None else packed.perm.clone(),
-                    packed.shape)
 
 
 class ProjectionGroup(nn.Module):
@@ -147,7 +143,7 @@ class ProjectionGroup(nn.Module):
         weight_bytes = sum(p.nbytes() + (0 if e is None else e.numel()) for p, e in zip(packs, metas))
         set_bytes = weight_bytes + tokens * (self.in_features + sum(self.widths)) * packs[0].values.element_size()
         sets = rotation_sets(set_bytes, l2_bytes(device))
-        copies = [(packs, metas)] + [([_copy(p) for p in packs], [None if e is None else e.clone() for e in metas])
+        copies = [(packs, metas)] + [([copy_packed(p) for p in packs], [None if e is None else e.clone() for e in metas])
                                      for _ in range(sets - 1)]
         gen = torch.Generator(device=device).manual_seed(2000 + tokens)
         xs = [torch.randn(tokens, self.in_features, generator=gen, device=device).to(dtype) for _ in range(sets)]
@@ -185,10 +181,6 @@ class ProjectionGroup(nn.Module):
         return result
 
     # -- forward ------------------------------------------------------------------------------
-    @property
-    def members(self) -> list[nn.Module]:
-        return list(self._members)
-
     @property
     def grouped_tokens(self) -> list[int]:
         """Token buckets that run as one launch (2:4 groups; empty otherwise)."""
