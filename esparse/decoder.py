@@ -137,6 +137,32 @@ class Decoder(nn.Module):
                                                                 device=device) / shape.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._groups: list | None = None  # per block (q/k/v group, gate/up group): group_projections()
+        self.folded_blocks = 0  # blocks whose down_proj permutation lives in gate/up: fold_mlp_permutations()
+
+    def fold_mlp_permutations(self) -> int:
+        """Fold every 2:4 down_proj's input permutation into the rows of gate_proj and up_proj; returns
+        how many blocks were folded.
+
+        SiLU*mul is elementwise, so silu(gate[perm] x) * up[perm] x is the MLP's hidden state already
+        in down_proj's permuted order, and down_proj multiplies it with no gather (DESIGN.md: the
+        permutation is folded into the producer). Exact. o_proj's permutation stays in its kernel: its
+        input comes out of attention, where a channel belongs to one head's softmax, and the channel
+        shuffle moves channels across heads, so v_proj's rows cannot take it.
+        Call before group_projections() (the groups hold the members they were built from)."""
+        from esparse_kernels.linear import SparseLinear, fold_input_permutation
+
+        if self._groups:
+            raise ConfigError("fold the permutations before group_projections(): the groups hold the old layers")
+        folded = 0
+        for block in self.layers:
+            mlp = block.mlp
+            if not isinstance(mlp.down_proj, SparseLinear) or mlp.down_proj.perm is None:
+                continue
+            (mlp.gate_proj, mlp.up_proj), mlp.down_proj = fold_input_permutation([mlp.gate_proj, mlp.up_proj],
+                                                                                 mlp.down_proj)
+            folded += 1
+        self.folded_blocks = folded
+        return folded
 
     def group_projections(self, tokens=(1,), reps: int = 10) -> None:
         """Run q/k/v and gate/up of every block as grouped projections in the fused forward

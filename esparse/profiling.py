@@ -70,6 +70,9 @@ class ProfileSettings:
     # q/k/v and gate/up as one GEMM each, dense and 2:4 alike (fused decoder only; CLI --grouped).
     # Off by default until a GPU run has measured it (docs/PERFORMANCE.md, "Grouped projections").
     grouped: bool = False
+    # down_proj's channel permutation folded into gate/up's rows (exact; CLI --no-fold for the A/B);
+    # the other layers keep gathering x through theirs inside the timed step
+    fold_permutations: bool = True
 
     @classmethod
     def from_config(cls, section: dict) -> "ProfileSettings":
@@ -77,7 +80,8 @@ class ProfileSettings:
                    decode_contexts=list(section["decode"]["contexts"]), decode_batches=list(section["decode"]["batches"]),
                    warmup=int(section["warmup"]), repeats=int(section["repeats"]), tune_reps=int(section["tune_reps"]),
                    dtype=section["dtype"], seed=int(section.get("seed", 0)),
-                   grouped=bool(section.get("grouped_projections", False)))
+                   grouped=bool(section.get("grouped_projections", False)),
+                   fold_permutations=bool(section.get("fold_permutations", True)))
 
     def cases(self) -> list[tuple[str, int, int]]:
         """(phase, batch, length): prefill length = prompt tokens, decode length = context rows."""
@@ -191,18 +195,21 @@ def _backends(model: Decoder) -> str:
 
 
 def _decoder_label(model: Decoder) -> str:
-    """fused | eager, + "+grouped" when q/k/v and gate/up run grouped (the 2:4 groups where tuning found
-    one launch faster: grouped=<token buckets>)."""
+    """fused | eager, + "+folded" when down_proj's permutation lives in gate/up's rows, + "+grouped" when
+    q/k/v and gate/up run grouped (the 2:4 groups where tuning found one launch faster: the token
+    buckets)."""
+    folded = "+folded" if model.folded_blocks else ""
     if not model.fused:
-        return "eager"
+        return "eager" + folded
     groups = [g for pair in model.projection_groups for g in pair]
     if not groups:
-        return "fused"
+        return "fused" + folded
     kinds = {g.kind for g in groups}
     if kinds == {"dense"}:
-        return "fused+grouped"
+        return "fused" + folded + "+grouped"
     buckets = sorted({t for g in groups for t in g.grouped_tokens})
-    return "fused+grouped" + (f"(2:4 at {'/'.join(map(str, buckets))} tokens)" if buckets else "(2:4: none faster)")
+    return "fused" + folded + "+grouped" + (f"(2:4 at {'/'.join(map(str, buckets))} tokens)" if buckets
+                                            else "(2:4: none faster)")
 
 
 def random_packed_24(out_f: int, in_f: int, shuffle: bool, generator: torch.Generator, dtype, device):
@@ -247,7 +254,10 @@ def build_variant(target: str, variant: Variant, settings: ProfileSettings, devi
         shape = PROFILE_SHAPES[target]
         torch.manual_seed(settings.seed)
         factory = None if variant.pattern == "dense" else _random_sparse_factory(settings, variant.shuffle, device, dtype, plans)
-        return Decoder(shape, linear_factory=factory, dtype=dtype, device=device, fused=settings.fused).eval()
+        model = Decoder(shape, linear_factory=factory, dtype=dtype, device=device, fused=settings.fused).eval()
+        if settings.fold_permutations:
+            model.fold_mlp_permutations()
+        return model
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(variant.model_dir, dtype=dtype).to(device).eval()
@@ -257,7 +267,10 @@ def build_variant(target: str, variant: Variant, settings: ProfileSettings, devi
         swapped = swap_sparse_linears(hf, variant.kernel_dir, allow_dense=False)
         if not swapped:
             raise ConfigError(f"no layer of {variant.model_dir} was replaced from {variant.kernel_dir}")
-    return Decoder.from_hf(hf, fused=settings.fused).eval()
+    model = Decoder.from_hf(hf, fused=settings.fused).eval()
+    if settings.fold_permutations:
+        model.fold_mlp_permutations()
+    return model
 
 
 def release_scratch() -> None:
@@ -437,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true", help="the unfused decoder (A/B of the fused kernels)")
     parser.add_argument("--grouped", action="store_true",
                         help="q/k/v and gate/up as one GEMM each (A/B of the grouped projections)")
+    parser.add_argument("--no-fold", action="store_true",
+                        help="keep down_proj's permutation in its kernel (A/B of folding it into gate/up)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -448,19 +463,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = ProfileSettings(prefill_prompts=sorted({p for p, _ in prefill}), prefill_batches=sorted({b for _, b in prefill}),
                                decode_contexts=sorted({c for c, _ in decode}), decode_batches=sorted({b for _, b in decode}),
                                warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps,
-                               fused=not args.eager, grouped=args.grouped)
+                               fused=not args.eager, grouped=args.grouped, fold_permutations=not args.no_fold)
     known = {"dense": Variant("dense", "dense", False, "random"), "2:4": Variant("magnitude", "2:4", False, "random"),
              "2:4+shuffle": Variant("magnitude", "2:4", True, "random")}
     variants = [known[name] for name in args.variants.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_{args.target}{'_eager' if args.eager else ''}{'_grouped' if args.grouped else ''}"
+    stem = (f"profile_{args.target}{'_eager' if args.eager else ''}{'_grouped' if args.grouped else ''}"
+            f"{'_unfolded' if args.no_fold else ''}")
 
     def save(latency, memory):
         (out / f"{stem}.partial.json").write_text(json.dumps({"latency": latency, "memory": memory}, indent=1))
 
     record = profile_target(args.target, variants, settings, "cuda", on_variant=save)
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
+    (out / f"{stem}.partial.json").unlink(missing_ok=True)  # the full record supersedes it
     return 0
 
 

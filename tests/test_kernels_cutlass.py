@@ -213,3 +213,28 @@ def test_decode_and_prefill_layer_keeps_one_metadata_copy():
     torch.cuda.synchronize()
     for x, o in zip(xs, outs):
         assert rel_frobenius_error(o, reference_linear(x, packed)) < 1e-3
+
+
+@needs_hopper
+def test_folded_mlp_permutation_on_layers_with_one_metadata_copy():
+    """down_proj's permutation moved into gate/up's rows, on layers holding only the sm90 metadata (the
+    rows come back from it): the MLP's output is unchanged at decode and prefill token counts, and
+    down_proj no longer carries a permutation."""
+    import torch.nn.functional as F
+
+    from esparse_kernels.linear import fold_input_permutation
+
+    hidden, inter = 512, 1024
+    plan = {16: {"backend": "ours_cuda", "config": {"warps": 4, "split_k": 2}},
+            4096: {"backend": "ours_cutlass", "config": {"index": 0}}}
+    packs = [_layer_case(inter, hidden, torch.float16, seed=s)[0] for s in (1, 2)]
+    down_packed, gen = _layer_case(hidden, inter, torch.float16, seed=3)
+    gate, up, down = (SparseLinear(p, None, plan) for p in (*packs, down_packed))
+    assert down.meta_layout == "sm90" and torch.equal(down.row_major_packed().meta, down_packed.meta)
+    (gate2, up2), down2 = fold_input_permutation([gate, up], down)
+    assert down2.perm is None and down2.meta_layout == "sm90" and gate2.backends == gate.backends
+    for tokens in (1, 16, 300):
+        x = torch.randn(tokens, hidden, generator=gen).half().cuda()
+        want = down(F.silu(gate(x)) * up(x))
+        got = down2(F.silu(gate2(x)) * up2(x))
+        assert rel_frobenius_error(got, want) < 1e-3

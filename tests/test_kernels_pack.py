@@ -16,6 +16,7 @@ from esparse_kernels.pack import (
     random_24_weight,
     reference_linear,
     rel_frobenius_error,
+    reorder_rows,
     unpack_24,
     unpack_24_permuted,
 )
@@ -184,3 +185,25 @@ def test_sm90_meta_rejects_bad_shapes():
         meta_to_sm90(packed.meta.to(torch.int64), 40)
     with pytest.raises(ConfigError, match="at least"):
         meta_from_sm90(torch.zeros(10, dtype=torch.uint8), 8, 64)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40), groups=st.integers(1, 12), with_perm=st.booleans())
+def test_reorder_rows_moves_whole_rows_and_keeps_the_column_permutation(seed, n, groups, with_perm):
+    weight, mask, perm = _random_case(seed, n, groups, torch.float16, with_perm, 0.3)
+    packed = pack_24(weight, mask, perm)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed ^ 0x5A5A))
+    moved = reorder_rows(packed, order)
+    assert torch.equal(unpack_24(moved), unpack_24(packed)[order])
+    assert moved.perm is packed.perm and moved.shape == packed.shape
+    # it is canonical: the same as packing the reordered weight
+    again = pack_24(weight[order], mask[order], perm)
+    assert torch.equal(again.values, moved.values) and torch.equal(again.meta, moved.meta)
+
+
+def test_reorder_rows_rejects_what_is_not_a_row_permutation():
+    packed = pack_24(*random_24_weight(6, 16, torch.float16, "cpu", torch.Generator().manual_seed(1)))
+    with pytest.raises(ConfigError, match=r"shape \[6\]"):
+        reorder_rows(packed, torch.arange(5))
+    with pytest.raises(ConfigError, match="not a permutation"):
+        reorder_rows(packed, torch.tensor([0, 1, 2, 3, 4, 4]))

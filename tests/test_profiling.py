@@ -134,3 +134,77 @@ def test_greedy_agreement_refuses_a_build_that_swaps_nothing(tiny_model_dirs, tm
     _, kernels = _pruned_24_with_kernels(tiny_model_dirs, tmp_path)  # LLaMA layer names
     with pytest.raises(ConfigError, match="no layer"):
         greedy_agreement(str(tiny_model_dirs["opt"]), str(kernels), "cpu", dtype="float32", new_tokens=2)
+
+
+def _sparse_decoder(shape, seed, dense_mlp_inputs=False):
+    """A float16 decoder whose linears are SparseLinear layers with random permutations (CPU reference
+    path); with dense_mlp_inputs, gate/up stay dense nn.Linear layers (a partly swapped model)."""
+    from esparse_kernels.linear import SparseLinear
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def factory(name, out_f, in_f):
+        if dense_mlp_inputs and name in ("mlp.gate_proj", "mlp.up_proj"):
+            return torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.float16)
+        return SparseLinear(random_packed_24(out_f, in_f, True, generator, torch.float16, "cpu"), None, None)
+
+    torch.manual_seed(seed)
+    return Decoder(shape, linear_factory=factory, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dense_mlp_inputs", [False, True])
+def test_folding_down_proj_permutation_into_gate_and_up_keeps_the_logits(dense_mlp_inputs):
+    shape = DecoderShape(hidden=32, intermediate=64, heads=4, kv_heads=2, layers=2, vocab=40)
+    model = _sparse_decoder(shape, 3, dense_mlp_inputs)  # float16: SparseLinear does not follow .float()
+    tokens = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(4))
+
+    def logits():
+        with torch.no_grad():
+            return model(tokens, torch.arange(6), StaticCache(shape, 2, 6, torch.float16, "cpu"), 6, True, False)
+
+    before = logits()
+    old = [(b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj) for b in model.layers]
+    eye = torch.eye(32, dtype=torch.float16)
+    old_gate_rows = [gate(eye).t() for gate, _, _ in old]
+    assert model.fold_mlp_permutations() == 2 and model.folded_blocks == 2
+    for block, (gate, up, down), rows in zip(model.layers, old, old_gate_rows):
+        assert block.mlp.down_proj.perm is None and down.perm is not None  # the old layers are untouched
+        assert block.mlp.gate_proj is not gate and block.mlp.up_proj is not up
+        assert torch.equal(block.mlp.gate_proj(eye).t(), rows[down.perm.long()])
+        assert block.self_attn.o_proj.perm is not None  # o_proj keeps its gather (docstring)
+    assert torch.equal(logits(), before)  # the same products summed in the same order
+    assert model.fold_mlp_permutations() == 0  # nothing left to fold
+
+
+def test_folding_refuses_grouped_decoders_and_mismatched_producers():
+    from esparse.errors import ConfigError
+    from esparse_kernels.linear import SparseLinear, fold_input_permutation
+
+    shape = DecoderShape(hidden=32, intermediate=64, heads=4, kv_heads=2, layers=1, vocab=40)
+    model = _sparse_decoder(shape, 5)
+    model.group_projections()
+    with pytest.raises(ConfigError, match="before group_projections"):
+        model.fold_mlp_permutations()
+    down = model.layers[0].mlp.down_proj
+    with pytest.raises(ConfigError, match=r"out_features \[32, 64\] must all equal the consumer's in_features 64"):
+        fold_input_permutation([model.layers[0].mlp.gate_proj, model.layers[0].self_attn.q_proj], down)
+    with pytest.raises(ConfigError, match="must be a SparseLinear, got Linear"):
+        fold_input_permutation([], torch.nn.Linear(4, 4))
+    plain = SparseLinear(random_packed_24(8, 16, False, torch.Generator(), torch.float16, "cpu"))
+    producers = [torch.nn.Linear(8, 16)]
+    assert fold_input_permutation(producers, plain) == (producers, plain)  # no permutation: unchanged
+
+
+def test_fold_setting_reaches_the_record_and_the_decoder_label():
+    from esparse.profiling import _decoder_label
+
+    assert ProfileSettings.from_config(SETTINGS).fold_permutations is True
+    assert ProfileSettings.from_config({**SETTINGS, "fold_permutations": False}).fold_permutations is False
+    record = profile_target("llama-7b", random_variants(), ProfileSettings.from_config(SETTINGS), "cpu")
+    assert record["settings"]["fold_permutations"] is True
+    shape = DecoderShape(hidden=32, intermediate=64, heads=4, kv_heads=2, layers=1, vocab=40)
+    model = _sparse_decoder(shape, 6)
+    model.fused = True
+    assert _decoder_label(model) == "fused"
+    model.fold_mlp_permutations()
+    assert _decoder_label(model) == "fused+folded"

@@ -31,7 +31,7 @@ from torch import nn
 from esparse.errors import ConfigError, DataError
 from esparse.io import read_json
 
-from .pack import Packed24, unpack_24, unpack_24_permuted
+from .pack import Packed24, check_perm, meta_from_sm90, reorder_rows, unpack_24, unpack_24_permuted
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 _WORKSPACES: dict[tuple, object] = {}
@@ -188,6 +188,21 @@ class SparseLinear(nn.Module):
         self.packed = Packed24(self.packed.values, empty, self.packed.perm, self.packed.shape)
         self.register_buffer("meta", empty, persistent=False)
 
+    def row_major_packed(self) -> Packed24:
+        """The packed weight with pack.py's row-major metadata (rebuilt from the sm90 copy when that is
+        the only one this layer keeps)."""
+        if self.meta_sm90 is None:
+            return self.packed
+        meta = meta_from_sm90(self.meta_sm90, self.out_features, self.in_features)
+        return Packed24(self.packed.values, meta, self.packed.perm, self.packed.shape)
+
+    def rebuilt(self, packed: Packed24, bias: torch.Tensor | None) -> "SparseLinear":
+        """A layer on another packed weight of the same shape, with this layer's plan (same routes)."""
+        if packed.shape != self.packed.shape:
+            raise ConfigError(f"rebuilt layer must keep the shape {self.packed.shape}, got {packed.shape}")
+        plan = dict(zip(self._bucket_sizes, self._bucket_specs))
+        return SparseLinear(packed, bias, plan, self.allow_dense)
+
     @property
     def meta_layout(self) -> str:
         return "rows" if self.meta_sm90 is None else "sm90"
@@ -306,6 +321,49 @@ class SparseLinear(nn.Module):
             w = w.to(torch.float16)
         packed = pack_24(w, mask.to(w.device), None if perm is None else perm.to(w.device))
         return cls(packed, linear.bias, buckets, allow_dense)
+
+
+def reorder_output_rows(layer: nn.Module, order: torch.Tensor) -> nn.Module:
+    """A new layer whose output feature i computes what ``layer``'s output feature order[i] computes
+    (a ``SparseLinear`` keeps its plan); ``layer`` itself is left as it is."""
+    if isinstance(layer, SparseLinear):
+        packed = reorder_rows(layer.row_major_packed(), order)
+        bias = None if layer.bias is None else layer.bias.detach()[order.to(layer.bias.device, torch.int64)]
+        return layer.rebuilt(packed, bias)
+    if isinstance(layer, nn.Linear):
+        index = check_perm(order, layer.out_features).to(layer.weight.device)
+        weight = layer.weight.detach()
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        out.weight = nn.Parameter(weight[index], requires_grad=layer.weight.requires_grad)
+        if layer.bias is not None:
+            out.bias = nn.Parameter(layer.bias.detach()[index], requires_grad=layer.bias.requires_grad)
+        return out
+    raise ConfigError(f"cannot reorder the output rows of a {type(layer).__name__} (nn.Linear or SparseLinear only)")
+
+
+def fold_input_permutation(producers: list[nn.Module], consumer: SparseLinear) -> tuple[list[nn.Module], SparseLinear]:
+    """Move ``consumer``'s input permutation into the output rows of the layers that produce its input.
+
+    Valid only where the consumer's input is an elementwise function of the producers' outputs (e.g.
+    down_proj(silu(gate_proj(x)) * up_proj(x))): reordering every producer's rows by the permutation
+    then hands the consumer x[:, perm] directly, so it multiplies without a gather. Exact: the same
+    products are summed in the same order. Returns the (possibly rebuilt) producers and the consumer
+    without a permutation; a consumer without one comes back unchanged.
+    """
+    if not isinstance(consumer, SparseLinear):
+        raise ConfigError(f"the consumer must be a SparseLinear, got {type(consumer).__name__}")
+    perm = consumer.packed.perm
+    if perm is None:
+        return list(producers), consumer
+    widths = sorted({p.out_features for p in producers})
+    if widths != [consumer.in_features]:
+        raise ConfigError(f"producers' out_features {widths} must all equal the consumer's in_features "
+                          f"{consumer.in_features}")
+    folded = [reorder_output_rows(p, perm) for p in producers]
+    packed = consumer.row_major_packed()
+    plain = consumer.rebuilt(Packed24(packed.values, packed.meta, None, packed.shape),
+                             None if consumer.bias is None else consumer.bias.detach())
+    return folded, plain
 
 
 def plan_buckets(plan: dict, layer_name: str) -> dict:

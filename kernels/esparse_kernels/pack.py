@@ -189,6 +189,15 @@ def pack_24(
     return Packed24(values=values, meta=word32.contiguous(), perm=perm32, shape=(n, k))
 
 
+def reorder_rows(packed: Packed24, order: torch.Tensor) -> Packed24:
+    """The same packed weight with its output rows in ``order`` (row i of the result is row order[i]):
+    what a producer layer becomes when the permutation of the layer that reads its output is folded
+    into it. Rows are independent in the 2:4 format, so values and meta rows move as they are."""
+    _check_packed(packed)
+    order64 = check_perm(order, packed.out_features).to(packed.values.device)
+    return Packed24(packed.values[order64].contiguous(), packed.meta[order64].contiguous(), packed.perm, packed.shape)
+
+
 def unpack_positions(meta: torch.Tensor, in_features: int) -> torch.Tensor:
     """In-group positions [N, K/4, 2] (int64) from the packed meta words."""
     n = meta.shape[0]

@@ -275,21 +275,23 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     done
     ;;
   R)
-    # grouped projections (q/k/v and gate/up as one GEMM each, dense and 2:4) and programmatic launch of
-    # the fused Triton kernels: the GPU tests, then an A/B of the LLaMA-7B decode step on one machine:
-    # ungrouped without fused-kernel PDL (run Q1's setup), ungrouped with it, grouped (R_TARGETS)
+    # grouped projections (q/k/v and gate/up as one GEMM each, dense and 2:4), programmatic launch of
+    # the fused Triton kernels and down_proj's permutation folded into gate/up: the GPU tests, then an
+    # A/B of the LLaMA-7B step on one machine (R_TARGETS): ungrouped (fused PDL on, folded), grouped,
+    # ungrouped without fused-kernel PDL, and ungrouped with down_proj's gather kept (unfolded)
     carried_wheels
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
-    stamp "CUDA tests of the grouped launch, the fused kernels and the decode kernel"
-    timeout 170 $PY -m pytest -q -p no:cacheprovider -rs -x tests/test_kernels_group.py tests/test_kernels_fused.py \
-        tests/test_kernels_cuda_mma.py 2>&1 | tee "$OUT/pytest_r.log" | tail -6
+    stamp "CUDA tests of the grouped launch, the fused kernels, the decode kernel and the folded MLP"
+    timeout 240 $PY -m pytest -q -p no:cacheprovider -rs -x tests/test_kernels_group.py tests/test_kernels_fused.py \
+        tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py 2>&1 | tee "$OUT/pytest_r.log" | tail -6
     for target in ${R_TARGETS:-llama-7b}; do
-        for tag in ungrouped_fusedpdl0 grouped ungrouped; do
+        for tag in ungrouped grouped ungrouped_fusedpdl0 unfolded; do
             stamp "profile $target, $tag"
             mkdir -p "$OUT/$tag"
             flags="--grouped"
-            [ "${tag#ungrouped}" != "$tag" ] && flags=""
+            [ "$tag" != grouped ] && flags=""
+            [ "$tag" = unfolded ] && flags="--no-fold"
             fused_pdl=1
             [ "$tag" = ungrouped_fusedpdl0 ] && fused_pdl=0
             ESPARSE_PDL_FUSED=$fused_pdl timeout 120 $PY -m esparse.profiling --target "$target" \
