@@ -217,8 +217,11 @@ def _check(code: int, what: str) -> None:
         raise ConfigError(f"CUTLASS {what} returned {code}: {RETURN_CODES.get(code, 'unknown error')}")
 
 
-def _stream_ptr() -> int:
-    return torch.cuda.current_stream().cuda_stream
+def _stream_ptr(device: torch.device) -> int:
+    """The current stream of the tensors' device (not of the current device), as a raw handle: the
+    eager prefill calls this per layer, and building a torch.cuda.Stream object costs microseconds."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -289,10 +292,10 @@ class CutlassWeight:
         meta = torch.empty(e_bytes, dtype=torch.uint8, device=device)
         need = ctypes.c_size_t(0)
         args = (DTYPES[dtype], n, k, dense.data_ptr(), a_comp.data_ptr(), meta.data_ptr())
-        _check(lib.esp_sp24_sm90_compress(*args, None, 0, _sm_count(device), _stream_ptr(), ctypes.byref(need)),
+        _check(lib.esp_sp24_sm90_compress(*args, None, 0, _sm_count(device), _stream_ptr(device), ctypes.byref(need)),
                "compressor workspace query")
         workspace = torch.empty(max(need.value, 1), dtype=torch.uint8, device=device)
-        _check(lib.esp_sp24_sm90_compress(*args, workspace.data_ptr(), need.value, _sm_count(device), _stream_ptr(),
+        _check(lib.esp_sp24_sm90_compress(*args, workspace.data_ptr(), need.value, _sm_count(device), _stream_ptr(device),
                                           None), "compressor")
         del dense, workspace
         values = a_comp.view(rows, cols)
@@ -333,7 +336,7 @@ def permute_columns(x: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | Non
                           f"{x.dtype} {list(x.shape)} and {perm.dtype} {list(perm.shape)}")
     if out is None:
         out = torch.empty_like(x)
-    _check(lib.esp_permute_columns(2, t, k, x.data_ptr(), perm.data_ptr(), out.data_ptr(), _stream_ptr()),
+    _check(lib.esp_permute_columns(2, t, k, x.data_ptr(), perm.data_ptr(), out.data_ptr(), _stream_ptr(x.device)),
            "permutation gather")
     return out
 
@@ -359,7 +362,7 @@ def sp24_cutlass_matmul(x: torch.Tensor, weight: CutlassWeight, config: CutlassC
     ws_ptr, ws_len = (workspace.data_ptr(), workspace.numel()) if workspace is not None else (None, 0)
     _check(lib.esp_sp24_sm90_gemm(DTYPES[weight.dtype], config.index, n, t, k, weight.values.data_ptr(),
                                   weight.meta.data_ptr(), x.data_ptr(), out.data_ptr(), ws_ptr, ws_len,
-                                  _sm_count(x.device), _stream_ptr(), None), "GEMM")
+                                  _sm_count(x.device), _stream_ptr(x.device), None), "GEMM")
     return out
 
 

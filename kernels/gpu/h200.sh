@@ -295,7 +295,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
             fused_pdl=1
             [ "$tag" = ungrouped_fusedpdl0 ] && fused_pdl=0
             ESPARSE_PDL_FUSED=$fused_pdl timeout 120 $PY -m esparse.profiling --target "$target" \
-                --variants dense,2:4+shuffle --prefill 2048:1 --decode ${R_DECODE:-128:1,2048:1} --repeats 30 \
+                --variants dense,2:4+shuffle --prefill ${R_PREFILL:-128:1,2048:1} --decode ${R_DECODE:-128:1,2048:1} --repeats 30 \
                 --tune-reps 5 $flags --out "$OUT/$tag" 2>&1 | grep -E "ms$|Error|error|grouped" | tail -10
         done
     done
