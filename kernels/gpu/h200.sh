@@ -284,7 +284,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     build_decode_and_prefill
     stamp "CUDA tests of the grouped launch, the fused kernels, the decode kernel and the folded MLP"
     timeout 240 $PY -m pytest -q -p no:cacheprovider -rs -x tests/test_kernels_group.py tests/test_kernels_fused.py \
-        tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py 2>&1 | tee "$OUT/pytest_r.log" | tail -6
+        tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py tests/test_kernels_hostcost.py 2>&1 | tee "$OUT/pytest_r.log" | tail -6
     for target in ${R_TARGETS:-llama-7b}; do
         for tag in ungrouped grouped ungrouped_fusedpdl0 unfolded; do
             stamp "profile $target, $tag"
@@ -299,6 +299,8 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
                 --tune-reps 5 $flags --out "$OUT/$tag" 2>&1 | grep -E "ms$|Error|error|grouped" | tail -10
         done
     done
+    stamp "host cost per call of the linear routes (eager prefill of short prompts)"
+    timeout 60 $PY -m esparse_kernels.hostcost --shape 4096x4096 --tokens 1,128,2048 --out "$OUT/hostcost.json" 2>&1 | tail -9
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed
