@@ -67,9 +67,9 @@ class ProfileSettings:
     dtype: str = "float16"
     seed: int = 0
     fused: bool = True      # False: the eager decoder (A/B of the fusion; CLI --eager)
-    # q/k/v and gate/up as one GEMM each, dense and 2:4 alike (fused decoder only; CLI --grouped).
-    # Off by default until a GPU run has measured it (docs/PERFORMANCE.md, "Grouped projections").
-    grouped: bool = False
+    # q/k/v and gate/up as one GEMM each, dense and 2:4 alike (fused decoder only; CLI --no-group for
+    # the A/B; docs/PERFORMANCE.md, run R1)
+    grouped: bool = True
     # down_proj's channel permutation folded into gate/up's rows (exact; CLI --no-fold for the A/B);
     # the other layers keep gathering x through theirs inside the timed step
     fold_permutations: bool = True
@@ -80,7 +80,7 @@ class ProfileSettings:
                    decode_contexts=list(section["decode"]["contexts"]), decode_batches=list(section["decode"]["batches"]),
                    warmup=int(section["warmup"]), repeats=int(section["repeats"]), tune_reps=int(section["tune_reps"]),
                    dtype=section["dtype"], seed=int(section.get("seed", 0)),
-                   grouped=bool(section.get("grouped_projections", False)),
+                   grouped=bool(section.get("grouped_projections", True)),
                    fold_permutations=bool(section.get("fold_permutations", True)))
 
     def cases(self) -> list[tuple[str, int, int]]:
@@ -448,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tune-reps", type=int, default=5)
     parser.add_argument("--eager", action="store_true", help="the unfused decoder (A/B of the fused kernels)")
-    parser.add_argument("--grouped", action="store_true",
-                        help="q/k/v and gate/up as one GEMM each (A/B of the grouped projections)")
+    parser.add_argument("--no-group", action="store_true",
+                        help="q/k/v and gate/up as separate GEMMs (A/B of the grouped projections)")
     parser.add_argument("--no-fold", action="store_true",
                         help="keep down_proj's permutation in its kernel (A/B of folding it into gate/up)")
     parser.add_argument("--out", required=True)
@@ -463,13 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = ProfileSettings(prefill_prompts=sorted({p for p, _ in prefill}), prefill_batches=sorted({b for _, b in prefill}),
                                decode_contexts=sorted({c for c, _ in decode}), decode_batches=sorted({b for _, b in decode}),
                                warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps,
-                               fused=not args.eager, grouped=args.grouped, fold_permutations=not args.no_fold)
+                               fused=not args.eager, grouped=not args.no_group, fold_permutations=not args.no_fold)
     known = {"dense": Variant("dense", "dense", False, "random"), "2:4": Variant("magnitude", "2:4", False, "random"),
              "2:4+shuffle": Variant("magnitude", "2:4", True, "random")}
     variants = [known[name] for name in args.variants.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (f"profile_{args.target}{'_eager' if args.eager else ''}{'_grouped' if args.grouped else ''}"
+    stem = (f"profile_{args.target}{'_eager' if args.eager else ''}{'_ungrouped' if args.no_group else ''}"
             f"{'_unfolded' if args.no_fold else ''}")
 
     def save(latency, memory):

@@ -122,11 +122,12 @@ def test_grouped_launch_matches_each_reference(cfg, tokens, perms, layout):
     packs = []
     shared = torch.randperm(k, generator=gen)
     for i, n in enumerate(widths):
-        w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen)
-        if perms == "shared":
+        w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen, with_perm=perms != "none")
+        if perms == "shared":  # the mask is 2:4 in `perm`'s order: carry it over to the shared order
+            w, mask = (torch.empty_like(t).index_copy_(1, shared, t[:, perm]) for t in (w, mask))
             perm = shared
-        elif perms == "none" or (perms == "mixed" and i == 1):
-            perm = None
+        elif perms == "mixed" and i == 1:
+            w, mask, perm = random_24_weight(n, k, torch.float16, "cpu", gen, with_perm=False)
         packs.append(pack_24(w, mask, perm).to("cuda"))
     if perms == "shared":  # one permutation tensor: staged once
         packs = [type(p)(p.values, p.meta, packs[0].perm, p.shape) for p in packs]

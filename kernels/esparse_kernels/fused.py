@@ -15,11 +15,11 @@ q, k, v and gate, up may be column slices of one grouped projection's output (ro
 unit stride along features): the kernels take row strides, so no copy splits them.
 
 Programmatic dependent launch (Hopper, as the decode kernel of csrc/sp24_mma.cu): on a device of
-compute capability 9.0+, when enabled, each kernel is launched as a dependent of the kernel before it, waits for it
+compute capability 9.0+, each kernel is launched as a dependent of the kernel before it, waits for it
 (``gdc_wait``) before touching memory, and at once lets the next kernel launch
 (``gdc_launch_dependents``), so the GEMM after a norm streams its first weights while the norm
-runs. Opt-in with ``ESPARSE_PDL_FUSED=1`` until a GPU run has measured it; ``ESPARSE_PDL=0`` turns
-it off here and in the decode kernel.
+runs (run R1: 0.2 ms of a 4.8 ms 2:4 decode step). ``ESPARSE_PDL_FUSED=0`` turns it off here,
+``ESPARSE_PDL=0`` here and in the decode kernel.
 
 Arithmetic is fp32 inside each kernel with one rounding to the storage dtype; the decoder's eager path
 (same formulas in PyTorch) is the reference in the tests, which run under ``TRITON_INTERPRET=1`` on CPU.
@@ -39,9 +39,9 @@ from esparse.errors import ConfigError
 
 def _launch_options(tensor: torch.Tensor) -> dict:
     """Launch keywords: programmatic dependent launch on Hopper and newer (see the module doc)."""
-    # opt-in (ESPARSE_PDL_FUSED=1) until a GPU run has measured it (docs/PERFORMANCE.md)
+    # on by default since run R1 measured it (docs/PERFORMANCE.md); ESPARSE_PDL_FUSED=0 for the A/B
     if tensor.device.type != "cuda" or "0" in (os.environ.get("ESPARSE_PDL", "1"),
-                                               os.environ.get("ESPARSE_PDL_FUSED", "0")):
+                                               os.environ.get("ESPARSE_PDL_FUSED", "1")):
         return {"PDL": False}
     if torch.cuda.get_device_capability(tensor.device)[0] < 9:
         return {"PDL": False}

@@ -23,8 +23,9 @@
 #    LLaMA-7B whole-model grid (M_TARGETS to change it).
 # N: the decode and small-batch buckets (1, 16, 32 tokens; N_TOKENS) of the LLaMA shapes with the
 #    metadata layout the layers keep, CUTLASS candidates from 16 tokens, then the LLaMA-13B grid.
-# R: grouped projections and programmatic launch of the fused Triton kernels: GPU tests, then an A/B
-#    of the LLaMA-7B decode step (ungrouped without fused-kernel PDL, ungrouped, grouped).
+# R: grouped projections, programmatic launch of the fused Triton kernels, down_proj's permutation
+#    folded: GPU tests, then an A/B of the LLaMA-7B step (run R1 used --grouped, now the default).
+# S: the defaults after R1: R's GPU tests, the LLaMA-7B issue-6 grid, 13B batch-1 cells.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
 # attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
@@ -289,9 +290,9 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
         for tag in ungrouped grouped ungrouped_fusedpdl0 unfolded; do
             stamp "profile $target, $tag"
             mkdir -p "$OUT/$tag"
-            flags="--grouped"
-            [ "$tag" != grouped ] && flags=""
-            [ "$tag" = unfolded ] && flags="--no-fold"
+            flags="--no-group"
+            [ "$tag" = grouped ] && flags=""
+            [ "$tag" = unfolded ] && flags="--no-group --no-fold"
             fused_pdl=1
             [ "$tag" = ungrouped_fusedpdl0 ] && fused_pdl=0
             ESPARSE_PDL_FUSED=$fused_pdl timeout 120 $PY -m esparse.profiling --target "$target" \
@@ -301,6 +302,22 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     done
     stamp "host cost per call of the linear routes (eager prefill of short prompts)"
     timeout 60 $PY -m esparse_kernels.hostcost --shape 4096x4096 --tokens 1,128,2048 --out "$OUT/hostcost.json" 2>&1 | tail -9
+    ;;
+  S)
+    # the defaults after run R1 (grouped projections, fused-kernel PDL, down_proj folded into gate/up):
+    # run R's GPU tests (the grouped-launch test's shared-permutation case fixed), then the issue-6 grid
+    # of the LLaMA-7B shape and the batch-1 cells of the 13B shape
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    build_decode_and_prefill
+    stamp "CUDA tests of the grouped launch, the fused kernels, both 2:4 kernels, the fold and the host probe"
+    timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_group.py tests/test_kernels_fused.py \
+        tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py tests/test_kernels_hostcost.py 2>&1 \
+        | tee "$OUT/pytest_s.log" | tail -8
+    profile_grid ${S_GRID_S:-240} "ms$|Error|error|group" llama-7b
+    GRID="--prefill 2048:1 --decode 128:1,2048:1"
+    profile_grid ${S_13B_S:-90} "ms$|Error|error" llama-13b
+    drop_partials
     ;;
   T)
     # every test file with CUDA-only tests, on the GPU, against the code as committed
