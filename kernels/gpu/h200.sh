@@ -311,12 +311,12 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
     stamp "CUDA tests of the grouped launch, the fused kernels, both 2:4 kernels, the fold and the host probe"
-    timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_group.py tests/test_kernels_fused.py \
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_group.py tests/test_kernels_fused.py \
         tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py tests/test_kernels_hostcost.py 2>&1 \
         | tee "$OUT/pytest_s.log" | tail -8
-    profile_grid ${S_GRID_S:-240} "ms$|Error|error|group" llama-7b
+    profile_grid ${S_GRID_S:-200} "ms$|Error|error|group" llama-7b
     GRID="--prefill 2048:1 --decode 128:1,2048:1"
-    profile_grid ${S_13B_S:-90} "ms$|Error|error" llama-13b
+    profile_grid ${S_13B_S:-70} "ms$|Error|error" llama-13b
     drop_partials
     ;;
   T)
