@@ -159,6 +159,29 @@ def test_graph_replay_equals_eager():
 
 
 @needs_hopper
+def test_prepared_gemm_is_the_checked_call_in_one_host_call():
+    """PreparedGemm (what SparseLinear holds): gather + GEMM in one library call, equal to the checked
+    sp24_cutlass_matmul, with and without a permutation; bad permutations and buffers are named."""
+    for with_perm in (True, False):
+        packed, gen = _layer_case(256, 512, torch.float16, seed=7, with_perm=with_perm)
+        weight = ct.CutlassWeight.from_packed(packed)
+        cfg = ct.CutlassConfig(1)
+        gemm = ct.PreparedGemm(weight, cfg, packed.perm)
+        assert gemm.permuted == with_perm
+        x = torch.randn(100, 512, generator=gen).half().cuda()
+        out = torch.full((100, 256), float("nan"), dtype=torch.float16, device="cuda")
+        x_perm = torch.empty(128, 512, dtype=torch.float16, device="cuda") if with_perm else None  # longer: a scratch
+        gemm(x, out, x_perm)
+        assert torch.equal(out, ct.sp24_cutlass_matmul(x, weight, cfg, packed.perm))
+        assert rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3
+    with pytest.raises(ConfigError, match="int32 \\[512\\]"):
+        ct.PreparedGemm(weight, cfg, torch.arange(512, device="cuda"))
+    with pytest.raises(ConfigError, match="x_perm must be"):
+        ct.sp24_cutlass_matmul(x, weight, cfg, torch.arange(512, dtype=torch.int32, device="cuda"),
+                               x_perm=torch.empty(10, 512, dtype=torch.float16, device="cuda"))
+
+
+@needs_hopper
 def test_sparse_linear_routes_prefill_to_cutlass():
     packed, gen = _layer_case(256, 512, torch.bfloat16)
     bias = torch.randn(256, generator=gen).bfloat16().cuda()

@@ -165,6 +165,9 @@ def _bind(lib) -> None:
     lib.esp_sp24_sm90_gemm.restype = c_int
     lib.esp_permute_columns.argtypes = [c_int, c_int, c_int, c_ptr, c_ptr, c_ptr, c_ptr]
     lib.esp_permute_columns.restype = c_int
+    lib.esp_sp24_sm90_gemm_permuted.argtypes = [c_int, c_int, c_int, c_int, c_int, c_ptr, c_ptr, c_ptr, c_ptr, c_ptr,
+                                                c_ptr, c_ptr, c_size, c_int, c_ptr]
+    lib.esp_sp24_sm90_gemm_permuted.restype = c_int
 
 
 def load_library(log=None):
@@ -341,33 +344,69 @@ def permute_columns(x: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | Non
     return out
 
 
+class PreparedGemm:
+    """One layer's prefill GEMM (with its permutation gather, if any) with what is fixed per layer bound
+    once: dtype and configuration codes, the weight's, metadata's and permutation's addresses, the
+    multiprocessor count. A call is then one host call into the library: the eager prefill pays the host
+    time of every layer call, and short prompts are host-bound (esparse_kernels.hostcost). The layer's
+    tensors must stay where they are (SparseLinear's never move)."""
+
+    def __init__(self, weight: CutlassWeight, config: CutlassConfig, perm: torch.Tensor | None = None):
+        lib = load_library()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        device = weight.meta.device
+        if perm is not None and (perm.dtype != torch.int32 or perm.shape != (self.in_features,)
+                                 or perm.device != device):
+            raise ConfigError(f"the permutation must be int32 [{self.in_features}] on {device}, got "
+                              f"{perm.dtype} {list(perm.shape)} on {perm.device}")
+        self._fn = lib.esp_sp24_sm90_gemm_permuted
+        self._codes = (DTYPES[weight.dtype], config.index, self.out_features)
+        self._weight = (weight.values.data_ptr(), weight.meta.data_ptr())
+        self._perm = None if perm is None else perm.data_ptr()
+        self._keep = (weight, perm)  # the addresses above stay valid while this object lives
+        self._sm_count = _sm_count(device)
+        self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self.permuted = perm is not None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, x_perm: torch.Tensor | None = None,
+                 workspace: torch.Tensor | None = None) -> torch.Tensor:
+        """out[T, N] = x[T, K] @ W^T (x gathered into x_perm first when the layer is permuted); x, out and
+        x_perm contiguous, of the layer's dtype and device: the caller guarantees it (no checks here)."""
+        ws_ptr, ws_len = (workspace.data_ptr(), workspace.numel()) if workspace is not None else (None, 0)
+        code = self._fn(*self._codes, x.shape[0], self.in_features, *self._weight, x.data_ptr(), self._perm,
+                        None if x_perm is None else x_perm.data_ptr(), out.data_ptr(), ws_ptr, ws_len, self._sm_count,
+                        torch._C._cuda_getCurrentRawStream(self._device_index))
+        if code:
+            _check(code, "GEMM")
+        return out
+
+
 def sp24_cutlass_matmul(x: torch.Tensor, weight: CutlassWeight, config: CutlassConfig, perm: torch.Tensor | None = None,
                         out: torch.Tensor | None = None, x_perm: torch.Tensor | None = None,
                         workspace: torch.Tensor | None = None) -> torch.Tensor:
     """out[T, N] = x[T, K] @ W^T; with ``perm`` (int32), x[:, perm] is gathered first by
     permute_columns (into ``x_perm`` when given). No host synchronisation; ``workspace`` (uint8, at least workspace_bytes) is needed only
-    when that is non-zero."""
-    lib = load_library()
+    when that is non-zero. Checks its arguments; SparseLinear holds a PreparedGemm instead."""
     n, k = weight.shape
     t = x.shape[0]
     if x.dtype != weight.dtype or x.shape[1] != k or not x.is_contiguous():
         raise ConfigError(f"CUTLASS GEMM needs a contiguous [T, {k}] {weight.dtype} input, got "
                           f"{list(x.shape)} {x.dtype}")
-    if perm is not None:
-        if x_perm is None:
-            x_perm = torch.empty_like(x)
-        x = permute_columns(x, perm, out=x_perm[:t])
+    if perm is not None and x_perm is None:
+        x_perm = torch.empty_like(x)
+    if x_perm is not None and (x_perm.shape[0] < t or x_perm.shape[1] != k or x_perm.dtype != x.dtype
+                               or not x_perm.is_contiguous()):
+        raise ConfigError(f"x_perm must be a contiguous [>= {t}, {k}] {x.dtype} buffer, got "
+                          f"{list(x_perm.shape)} {x_perm.dtype}")
     if out is None:
         out = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    ws_ptr, ws_len = (workspace.data_ptr(), workspace.numel()) if workspace is not None else (None, 0)
-    _check(lib.esp_sp24_sm90_gemm(DTYPES[weight.dtype], config.index, n, t, k, weight.values.data_ptr(),
-                                  weight.meta.data_ptr(), x.data_ptr(), out.data_ptr(), ws_ptr, ws_len,
-                                  _sm_count(x.device), _stream_ptr(x.device), None), "GEMM")
-    return out
+    return PreparedGemm(weight, config, perm)(x, out, x_perm, workspace)
 
 
 __all__ = [
     "CutlassConfig", "CutlassWeight", "available", "build_library", "compile_commands", "cutlass_candidates",
-    "cutlass_source_dir", "find_nvcc", "load_library", "permute_columns", "sp24_cutlass_matmul", "supports_shape", "workspace_bytes",
+    "cutlass_source_dir", "find_nvcc", "load_library", "permute_columns", "PreparedGemm", "sp24_cutlass_matmul",
+    "supports_shape", "workspace_bytes",
     "MIN_TOKENS",
 ]

@@ -380,5 +380,22 @@ int esp_permute_columns(int elem_bytes, int n_rows, int K, const void* x, const 
   return cudaGetLastError() == cudaSuccess ? 0 : 5;
 }
 
+// The prefill layer's whole call in one host call (the eager forward pays the host time of every
+// call, and short prompts are host-bound): with perm non-null, b_perm = b[:, perm] first, then
+// d = W @ b_perm^T; without, d = W @ b^T. Return codes as esp_permute_columns and esp_sp24_sm90_gemm.
+int esp_sp24_sm90_gemm_permuted(int dtype, int config, int M, int N, int K, const void* a_comp,
+                                const void* e, const void* b, const int32_t* perm, void* b_perm,
+                                void* d, void* workspace, size_t workspace_bytes, int sm_count,
+                                cudaStream_t stream) {
+  if (dtype < 0 || dtype > 1 || config < 0 || config >= esp::kNumConfigs) return 1;
+  if (perm != nullptr) {
+    const int code = esp_permute_columns(2, N, K, b, perm, b_perm, stream);
+    if (code != 0) return code;
+    b = b_perm;
+  }
+  return kGemms[dtype][config](M, N, K, a_comp, e, b, d, workspace, workspace_bytes, sm_count,
+                               stream, nullptr);
+}
+
 }  // extern "C"
 #endif
