@@ -316,7 +316,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
         | tee "$OUT/pytest_s.log" | tail -8
     stamp "host cost per call (one library call per CUTLASS layer since R1)"
     timeout 40 $PY -m esparse_kernels.hostcost --shape 4096x4096 --tokens 1,128 --out "$OUT/hostcost.json" 2>&1 | tail -6
-    profile_grid ${S_GRID_S:-180} "ms$|Error|error|group" llama-7b
+    GRID="${S_GRID:-$GRID}" profile_grid ${S_GRID_S:-180} "ms$|Error|error|group" llama-7b
     GRID="--prefill 2048:1 --decode 128:1,2048:1"
     [ "${S_13B_S:-70}" -gt 0 ] && profile_grid ${S_13B_S:-70} "ms$|Error|error" llama-13b
     drop_partials
