@@ -311,12 +311,12 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
     stamp "CUDA tests of the grouped launch, the fused kernels, both 2:4 kernels, the fold and the host probe"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_group.py tests/test_kernels_fused.py \
+    timeout ${S_TEST_S:-120} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_group.py tests/test_kernels_fused.py \
         tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py tests/test_kernels_hostcost.py 2>&1 \
         | tee "$OUT/pytest_s.log" | tail -8
     stamp "host cost per call (one library call per CUTLASS layer since R1)"
     timeout 40 $PY -m esparse_kernels.hostcost --shape 4096x4096 --tokens 1,128 --out "$OUT/hostcost.json" 2>&1 | tail -6
-    GRID="${S_GRID:-$GRID}" profile_grid ${S_GRID_S:-180} "ms$|Error|error|group" llama-7b
+    [ "${S_GRID_S:-180}" -gt 0 ] && GRID="${S_GRID:-$GRID}" profile_grid ${S_GRID_S:-180} "ms$|Error|error|group" llama-7b
     GRID="--prefill 2048:1 --decode 128:1,2048:1"
     [ "${S_13B_S:-70}" -gt 0 ] && profile_grid ${S_13B_S:-70} "ms$|Error|error" llama-13b
     drop_partials
