@@ -311,8 +311,8 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
     stamp "CUDA tests of the grouped launch, the fused kernels, both 2:4 kernels, the fold and the host probe"
-    timeout ${S_TEST_S:-120} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_group.py tests/test_kernels_fused.py \
-        tests/test_kernels_cuda_mma.py tests/test_kernels_cutlass.py tests/test_kernels_hostcost.py 2>&1 \
+    timeout ${S_TEST_S:-120} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cutlass.py tests/test_kernels_group.py \
+        tests/test_kernels_hostcost.py tests/test_kernels_fused.py tests/test_kernels_cuda_mma.py 2>&1 \
         | tee "$OUT/pytest_s.log" | tail -8
     stamp "host cost per call (one library call per CUTLASS layer since R1)"
     timeout 40 $PY -m esparse_kernels.hostcost --shape 4096x4096 --tokens 1,128 --out "$OUT/hostcost.json" 2>&1 | tail -6
