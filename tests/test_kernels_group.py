@@ -144,21 +144,56 @@ def test_grouped_launch_matches_each_reference(cfg, tokens, perms, layout):
     assert int(ws.counters.abs().sum()) == 0
 
 
-@cuda_only
 def test_grouped_launch_refuses_bad_groups():
+    """Refused before the extension is touched (so on any machine), with the values named."""
+    device = "cuda" if HAS_CUDA else "cpu"
     gen = torch.Generator().manual_seed(5)
-    packs = [pack_24(*random_24_weight(64, 256, torch.float16, "cpu", gen)).to("cuda") for _ in range(4)]
+    packs = [pack_24(*random_24_weight(64, 256, torch.float16, "cpu", gen)).to(device) for _ in range(4)]
     cfg = CudaConfig(4, 1, 4)
-    with pytest.raises(ConfigError, match="1..3 weights"):
-        cs.CudaWorkspace(cfg, [64] * 4, 1, "cuda", 256)
-    ws = cs.CudaWorkspace(cfg, [64] * 3, 1, "cuda", 256)
-    x = torch.randn(1, 256, generator=gen).half().cuda()
-    outs = [torch.empty(1, 64, dtype=torch.float16, device="cuda") for _ in range(4)]
-    with pytest.raises(RuntimeError, match="1..3"):
+    ws = None  # a workspace needs the extension; the refusals below come before it is used
+    if HAS_CUDA:
+        with pytest.raises(ConfigError, match="1..3 weights"):
+            cs.CudaWorkspace(cfg, [64] * 4, 1, device, 256)
+        ws = cs.CudaWorkspace(cfg, [64] * 3, 1, device, 256)
+    x = torch.randn(1, 256, generator=gen).half().to(device)
+    outs = [torch.empty(1, 64, dtype=torch.float16, device=device) for _ in range(4)]
+    with pytest.raises(ConfigError, match="1..3 weights, got 4"):
         cs.sp24_cuda_group_matmul(x, packs, cfg, ws, outs)
-    other = pack_24(*random_24_weight(64, 512, torch.float16, "cpu", gen)).to("cuda")
-    with pytest.raises(RuntimeError, match="features"):
+    with pytest.raises(ConfigError, match="as many outputs"):
+        cs.sp24_cuda_group_matmul(x, packs[:2], cfg, ws, outs[:3])
+    other = pack_24(*random_24_weight(64, 512, torch.float16, "cpu", gen)).to(device)
+    with pytest.raises(ConfigError, match="x has 256 features, weight 1 has 512"):
         cs.sp24_cuda_group_matmul(x, [packs[0], other], cfg, ws, outs[:2])
+    if HAS_CUDA:
+        with pytest.raises(ConfigError, match="sized for 1 tokens, got 2"):
+            cs.sp24_cuda_group_matmul(torch.cat([x, x]), packs[:1], cfg, ws, outs[:1])
+
+
+@cuda_only
+def test_extension_check_failures_raise_in_a_child_process():
+    """A failed TORCH_CHECK in the extension must come back as a RuntimeError. The first GPU run of the
+    group refusals (run S1) crashed the test process instead (segfault inside sp24_mma), so this runs the
+    bad call in a child process: a crash there fails this test and leaves the rest of the run alive."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "import esparse_kernels.cuda_sp24 as cs\n"
+        "from esparse_kernels.pack import pack_24, random_24_weight\n"
+        "ext = cs.load_extension()\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "p = pack_24(*random_24_weight(64, 256, torch.float16, 'cpu', gen)).to('cuda')\n"
+        "x = torch.randn(17, 256, device='cuda').half()\n"  # 17 tokens: over the kernel's 16
+        "out = torch.empty(17, 64, dtype=torch.float16, device='cuda')\n"
+        "try:\n"
+        "    ext.sp24_mma(x, [p.perm], [p.values], [p.meta], [out], None, None, 1, 4, 4, 0, [None], False, [0], False)\n"
+        "except RuntimeError as exc:\n"
+        "    print('RuntimeError:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"child exited with {done.returncode}: {done.stderr[-2000:]}"
+    assert "RuntimeError: the decode kernel takes 1..16 tokens" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 @cuda_only

@@ -194,11 +194,20 @@ def sp24_cuda_group_matmul(x: torch.Tensor, packs: list[Packed24], config: CudaC
     CUTLASS's sm90 layout, read instead of ``packs[i].meta`` (or None). No host synchronisation, no
     allocation.
     """
-    ext = load_extension()
+    # checked here, before the extension (whose own checks are the second line), with the values named
+    if not 1 <= len(packs) <= MAX_GROUP:
+        raise ConfigError(f"a launch takes 1..{MAX_GROUP} weights, got {len(packs)}")
+    metas_sm90 = metas_sm90 or [None] * len(packs)
+    if len(outs) != len(packs) or len(metas_sm90) != len(packs):
+        raise ConfigError(f"{len(packs)} weights need as many outputs and metadata entries, got {len(outs)} and "
+                          f"{len(metas_sm90)}")
+    for i, packed in enumerate(packs):
+        if packed.in_features != x.shape[-1]:
+            raise ConfigError(f"x has {x.shape[-1]} features, weight {i} has {packed.in_features}")
     t = x.shape[0]
     if t > workspace.max_tokens:
         raise ConfigError(f"workspace sized for {workspace.max_tokens} tokens, got {t}")
-    metas_sm90 = metas_sm90 or [None] * len(packs)
+    ext = load_extension()
     xfrags = [None] * len(packs)
     if config.pre:
         if workspace.xfrag is None or workspace.xfrag.dtype != x.dtype:
