@@ -220,18 +220,21 @@ def _check(code: int, what: str) -> None:
         raise ConfigError(f"CUTLASS {what} returned {code}: {RETURN_CODES.get(code, 'unknown error')}")
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _stream_ptr(device: torch.device) -> int:
     """The current stream of the tensors' device (not of the current device), as a raw handle: the
     eager prefill calls this per layer, and building a torch.cuda.Stream object costs microseconds."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch._C._cuda_getCurrentRawStream(index)
+    return torch._C._cuda_getCurrentRawStream(_device_index(device))
 
 
 _SM_COUNT: dict[int, int] = {}
 
 
 def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
@@ -366,7 +369,7 @@ class PreparedGemm:
         self._perm = None if perm is None else perm.data_ptr()
         self._keep = (weight, perm)  # the addresses above stay valid while this object lives
         self._sm_count = _sm_count(device)
-        self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self._device_index = _device_index(device)
         self.permuted = perm is not None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, x_perm: torch.Tensor | None = None,
