@@ -249,15 +249,19 @@ def _random_sparse_factory(settings: ProfileSettings, shuffle: bool, device, dty
 
 
 def build_variant(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict) -> Decoder:
+    model = _variant_decoder(target, variant, settings, device, plans)
+    if settings.fold_permutations:
+        model.fold_mlp_permutations()
+    return model
+
+
+def _variant_decoder(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict) -> Decoder:
     dtype = getattr(torch, settings.dtype)
     if variant.weights == "random":
         shape = PROFILE_SHAPES[target]
         torch.manual_seed(settings.seed)
         factory = None if variant.pattern == "dense" else _random_sparse_factory(settings, variant.shuffle, device, dtype, plans)
-        model = Decoder(shape, linear_factory=factory, dtype=dtype, device=device, fused=settings.fused).eval()
-        if settings.fold_permutations:
-            model.fold_mlp_permutations()
-        return model
+        return Decoder(shape, linear_factory=factory, dtype=dtype, device=device, fused=settings.fused).eval()
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(variant.model_dir, dtype=dtype).to(device).eval()
@@ -267,10 +271,7 @@ def build_variant(target: str, variant: Variant, settings: ProfileSettings, devi
         swapped = swap_sparse_linears(hf, variant.kernel_dir, allow_dense=False)
         if not swapped:
             raise ConfigError(f"no layer of {variant.model_dir} was replaced from {variant.kernel_dir}")
-    model = Decoder.from_hf(hf, fused=settings.fused).eval()
-    if settings.fold_permutations:
-        model.fold_mlp_permutations()
-    return model
+    return Decoder.from_hf(hf, fused=settings.fused).eval()
 
 
 def release_scratch() -> None:
