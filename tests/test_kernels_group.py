@@ -169,31 +169,51 @@ def test_grouped_launch_refuses_bad_groups():
             cs.sp24_cuda_group_matmul(torch.cat([x, x]), packs[:1], cfg, ws, outs[:1])
 
 
+BAD_EXTENSION_CALLS = {
+    # name: (the call's setup and call, the message its TORCH_CHECK must raise)
+    "17 tokens": ("x = torch.randn(17, 256, device='cuda').half()\n"
+                  "out = torch.empty(17, 64, dtype=torch.float16, device='cuda')\n"
+                  "ext.sp24_mma(x, [p.perm], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False)\n",
+                  "the decode kernel takes 1..16 tokens, got 17"),
+    "4 weights": ("x = torch.randn(1, 256, device='cuda').half()\n"
+                  "outs = [torch.empty(1, 64, dtype=torch.float16, device='cuda') for _ in range(4)]\n"
+                  "ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False,\n"
+                  "             [0] * 4, False)\n",
+                  "a launch takes 1..3 weights, got 4"),
+    "features": ("x = torch.randn(1, 512, device='cuda').half()\n"
+                 "out = torch.empty(1, 64, dtype=torch.float16, device='cuda')\n"
+                 "ext.sp24_mma(x, [None], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False)\n",
+                 "x has 512 features, weight 0 has 256"),
+}
+
+
 @cuda_only
-def test_extension_check_failures_raise_in_a_child_process():
+@pytest.mark.parametrize("case", sorted(BAD_EXTENSION_CALLS))
+def test_extension_check_failures_raise_in_a_child_process(case):
     """A failed TORCH_CHECK in the extension must come back as a RuntimeError. The first GPU run of the
-    group refusals (run S1) crashed the test process instead (segfault inside sp24_mma), so this runs the
-    bad call in a child process: a crash there fails this test and leaves the rest of the run alive."""
+    group refusals (run S1) crashed the test process instead (segfault inside sp24_mma), so each bad call
+    runs in a child process: a crash there fails this test, names the call, and leaves the run alive."""
     import subprocess
     import sys
 
+    setup, message = BAD_EXTENSION_CALLS[case]
     code = (
-        "import torch\n"
+        "import faulthandler, torch\n"
+        "faulthandler.enable()\n"
         "import esparse_kernels.cuda_sp24 as cs\n"
         "from esparse_kernels.pack import pack_24, random_24_weight\n"
         "ext = cs.load_extension()\n"
         "gen = torch.Generator().manual_seed(0)\n"
         "p = pack_24(*random_24_weight(64, 256, torch.float16, 'cpu', gen)).to('cuda')\n"
-        "x = torch.randn(17, 256, device='cuda').half()\n"  # 17 tokens: over the kernel's 16
-        "out = torch.empty(17, 64, dtype=torch.float16, device='cuda')\n"
-        "try:\n"
-        "    ext.sp24_mma(x, [p.perm], [p.values], [p.meta], [out], None, None, 1, 4, 4, 0, [None], False, [0], False)\n"
+        "ws = torch.empty(1, dtype=torch.float32, device='cuda')\n"
+        "cnt = torch.zeros(1, dtype=torch.int32, device='cuda')\n"
+        "try:\n" + "".join("    " + line + "\n" for line in setup.splitlines()) +
         "except RuntimeError as exc:\n"
         "    print('RuntimeError:', exc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"child exited with {done.returncode}: {done.stderr[-2000:]}"
-    assert "RuntimeError: the decode kernel takes 1..16 tokens" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert done.returncode == 0, f"{case}: child exited with {done.returncode}: {done.stderr[-3000:]}"
+    assert f"RuntimeError: {message}" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 @cuda_only

@@ -310,6 +310,28 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     carried_wheels
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
+    stamp "one failing extension check, alone (run S1 segfaulted on one); under cuda-gdb if it crashes"
+    cat > /tmp/bad_call.py <<'PY'
+import torch
+import esparse_kernels.cuda_sp24 as cs
+from esparse_kernels.pack import pack_24, random_24_weight
+ext = cs.load_extension()
+p = pack_24(*random_24_weight(64, 256, torch.float16, "cpu", torch.Generator().manual_seed(0))).to("cuda")
+ws, cnt = torch.empty(1, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+x = torch.randn(1, 256, device="cuda").half()
+outs = [torch.empty(1, 64, dtype=torch.float16, device="cuda") for _ in range(4)]
+try:
+    ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False, [0] * 4, False)
+except RuntimeError as exc:
+    print("raised RuntimeError:", str(exc).splitlines()[0])
+PY
+    timeout 60 $PY -X faulthandler /tmp/bad_call.py > /tmp/bad_call.log 2>&1
+    rc=$?
+    tail -12 /tmp/bad_call.log
+    echo "bad call: exit status $rc"
+    if [ "$rc" != 0 ] && command -v cuda-gdb >/dev/null; then
+        timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/bad_call.py 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40
+    fi
     stamp "CUDA tests of the grouped launch, the fused kernels, both 2:4 kernels, the fold and the host probe"
     timeout ${S_TEST_S:-120} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cutlass.py tests/test_kernels_group.py \
         tests/test_kernels_hostcost.py tests/test_kernels_fused.py tests/test_kernels_cuda_mma.py 2>&1 \
