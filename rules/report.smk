@@ -15,9 +15,11 @@ REPORT_RECORDS = (
        for model in MODELS for method, pattern in method_pattern_pairs() if method != "dense"]
     + ([f"{RESULTS}/calibration/{model}/calibration.json" for model in MODELS] if PRUNING_METHODS else [])
 )
-# The committed reference is a `default`-preset CPU run: the audit compares against it for that preset only.
+# The committed references are `default`-preset CPU runs, one per CPU model (esparse.audit.choose_reference
+# picks this machine's): the audit compares against them for that preset only.
 AUDIT_REFERENCE = (REPORT_REFERENCE_DIR if config["preset"] == "default"
-                   and os.path.isfile(os.path.join(REPORT_REFERENCE_DIR, "REFERENCE.json")) else None)
+                   and (glob.glob(os.path.join(REPORT_REFERENCE_DIR, "REFERENCE.json"))
+                        or glob.glob(os.path.join(REPORT_REFERENCE_DIR, "*", "REFERENCE.json"))) else None)
 
 
 rule report:

@@ -201,6 +201,82 @@ def test_reference_from_another_cpu_uses_looser_tolerances(finished, data_mirror
     assert {"hardware", "pruned/tiny/esparse/2of4/prune.json"} <= warned
 
 
+def _edit_reference(reference: Path, rel: str, edit) -> None:
+    """Edit one file of an exported reference and keep its REFERENCE.json true to it."""
+    info = reference / "REFERENCE.json"
+    path = reference / rel
+    if rel.endswith(".csv"):
+        table = pd.read_csv(path)
+        edit(table)
+        table.to_csv(path, index=False)
+    else:
+        record = read_json(path)
+        edit(record)
+        write_json(path, record)
+    if path != info:
+        meta = read_json(info)
+        meta["files"][rel] = audit.sha256_file(path)
+        write_json(info, meta)
+
+
+def test_other_cpu_cells_with_other_masks_warn_and_cells_with_the_same_masks_must_agree(finished, data_mirror,
+                                                                                        tmp_path):
+    """On another CPU model a pruned model whose masks differ is another pruning outcome: its perplexity
+    and zero-shot rows are reported (WARN, with the relative difference), never compared as a
+    reproduction. A model with the reference's masks must still agree within the other-CPU tolerance."""
+    reference = tmp_path / "reference"
+    audit.export_reference(finished["results"], reference)
+    _edit_reference(reference, "REFERENCE.json", lambda meta: meta["hardware"].update(cpu="Some Other CPU"))
+    other = "0" * 64
+
+    def diverge(record):
+        record["masks_sha256"], record["ppl"] = other, record["ppl"] * 1.2
+    _edit_reference(reference, "ppl/tiny/esparse/2of4.json", diverge)
+
+    def table_edit(table):
+        row = (table["method"] == "esparse") & (table["pattern"] == "2of4")
+        table.loc[row, "ppl"] *= 1.2
+        table.loc[row, "masks_sha256"] = other
+    _edit_reference(reference, "tables/wikitext_ppl.csv", table_edit)
+    result = run_audit(finished, data_mirror, against=reference)
+    assert result.ok, audit.format_result(result, verbose=True)
+    warned = {c.subject: c.detail for c in result.checks if c.status == WARN}
+    assert "ppl/tiny/esparse/2of4.json" in warned and "-16.67%" in warned["ppl/tiny/esparse/2of4.json"]
+    assert "tiny/esparse/2of4 ppl" in warned["tables/wikitext_ppl.csv"]
+
+    # The same 20 % on a model whose masks equal the reference's is a failure.
+    def magnitude_edit(table):
+        table.loc[(table["method"] == "magnitude") & (table["pattern"] == "2of4"), "ppl"] *= 1.2
+    _edit_reference(reference, "tables/wikitext_ppl.csv", magnitude_edit)
+    result = run_audit(finished, data_mirror, against=reference)
+    assert "tables/wikitext_ppl.csv" in failed_subjects(result)
+    assert "tiny/magnitude/2of4 ppl" in next(c.detail for c in result.failures if c.subject == "tables/wikitext_ppl.csv")
+
+
+def test_a_reference_set_gives_the_member_of_this_cpu_model(finished, data_mirror, tmp_path):
+    references = tmp_path / "references"
+    for name, cpu, created in (("this-cpu", None, "2026-01-01T00:00:00+00:00"),
+                               ("other-cpu", "Some Other CPU", "2026-02-01T00:00:00+00:00")):
+        audit.export_reference(finished["results"], references / name)
+
+        def stamp(meta, cpu=cpu, created=created):
+            meta["created_utc"] = created
+            if cpu:
+                meta["hardware"]["cpu"] = cpu
+        _edit_reference(references / name, "REFERENCE.json", stamp)
+    ours = audit._cpu_of(Path(finished["results"]))
+    chosen, why = audit.choose_reference(references, ours)
+    assert chosen == references / "this-cpu" and "this run's CPU model" in why
+    result = run_audit(finished, data_mirror, against=references)
+    assert result.ok and any(c.subject == "hardware" and c.status == PASS for c in result.checks)
+    # No member of this CPU model: the newest, with the other-CPU tolerances (a WARN names it).
+    chosen, why = audit.choose_reference(references, "A Third CPU")
+    assert chosen == references / "other-cpu" and "the newest" in why
+    assert audit.choose_reference(tmp_path, ours)[0] is None
+    result = run_audit(finished, data_mirror, against=tmp_path)
+    assert any("not a reference directory" in c.detail for c in result.failures)
+
+
 def test_select_reruns():
     available = [("m", "dense", "dense"), ("m", "esparse", "2of4"), ("m", "magnitude", "2of4")]
     assert audit.select_reruns("auto", available) == [("m", "dense", "dense"), ("m", "esparse", "2of4")]
