@@ -277,6 +277,21 @@ def test_a_reference_set_gives_the_member_of_this_cpu_model(finished, data_mirro
     assert any("not a reference directory" in c.detail for c in result.failures)
 
 
+def test_table_columns_added_since_the_reference_warn_and_lost_columns_fail():
+    ref = pd.DataFrame({"target": ["a"], "batch": [1], "linear_weight_bytes": [10.0], "status": ["ok"]})
+    ours = ref.assign(workspace_bytes=[float("nan")])
+    problems, notes = audit._compare_table("toy.csv", ours, ref, True, audit.Tolerances())
+    assert problems == [] and "workspace_bytes" in notes[0]
+    problems, _ = audit._compare_table("toy.csv", ref, ours, True, audit.Tolerances())
+    assert "missing from this run: ['workspace_bytes']" in problems[0]
+    # Column order is not a difference; values still are.
+    problems, notes = audit._compare_table("toy.csv", ref[list(reversed(ref.columns))], ref, True, audit.Tolerances())
+    assert problems == [] and notes == []
+    problems, _ = audit._compare_table("toy.csv", ref.assign(linear_weight_bytes=[11.0]), ref, True,
+                                       audit.Tolerances())
+    assert "linear_weight_bytes" in problems[0]
+
+
 def test_select_reruns():
     available = [("m", "dense", "dense"), ("m", "esparse", "2of4"), ("m", "magnitude", "2of4")]
     assert audit.select_reruns("auto", available) == [("m", "dense", "dense"), ("m", "esparse", "2of4")]
