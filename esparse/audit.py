@@ -843,8 +843,10 @@ def _compare_table(name: str, ours, ref, same_cpu: bool, tol: Tolerances,
                     problems.append(f"{'/'.join(key)} {column}: {x!r} vs reference {y!r}")
             elif not (pd.isna(x) and pd.isna(y)) and not _close(float(x), float(y), rtol, atol):
                 if cell_diverged:
+                    change = (f"{float(x) - float(y):+.3g} absolute" if name == "zeroshot.csv"
+                              else _relative(float(x), float(y)))
                     notes.append(f"{'/'.join(key)} {column}: {float(x):.6g} vs reference {float(y):.6g} "
-                                 f"({_relative(float(x), float(y))}; masks differ: another CPU model's outcome)")
+                                 f"({change}; masks differ: another CPU model's outcome)")
                 else:
                     problems.append(f"{'/'.join(key)} {column}: {x!r} vs reference {y!r} (rel {rtol:g}, abs {atol:g})")
     return problems, notes
