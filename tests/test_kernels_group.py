@@ -190,9 +190,11 @@ BAD_EXTENSION_CALLS = {
 @cuda_only
 @pytest.mark.parametrize("case", sorted(BAD_EXTENSION_CALLS))
 def test_extension_check_failures_raise_in_a_child_process(case):
-    """A failed TORCH_CHECK in the extension must come back as a RuntimeError. The first GPU run of the
-    group refusals (run S1) crashed the test process instead (segfault inside sp24_mma), so each bad call
-    runs in a child process: a crash there fails this test, names the call, and leaves the run alive."""
+    """A failed check in the extension must come back as a RuntimeError naming the values. Runs S1 and
+    S2 crashed instead: cuda-gdb put the SIGSEGV in basic_ostream::_M_insert<long>, inside the .so, while
+    the check's message was being built (csrc/sp24_binding.cpp now builds messages without an ostream).
+    Each bad call runs in a child process: a crash fails this test, names the call, and leaves the run
+    alive."""
     import subprocess
     import sys
 

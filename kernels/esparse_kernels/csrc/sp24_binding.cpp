@@ -5,18 +5,39 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <string>
+#include <type_traits>
+
 #include "sp24_mma.h"
 
 namespace {
 
+// Check messages are built here with std::to_string and handed to TORCH_CHECK as one std::string, which
+// c10 passes through without an ostream. Streaming an integer from this extension crashed on the device
+// image (run S2, H100: SIGSEGV in basic_ostream::_M_insert<long>, resolved inside this .so, while a
+// failed check built its message), so no number here goes through std::ostream.
+inline void append_part(std::string& out, const char* part) { out += part; }
+inline void append_part(std::string& out, const std::string& part) { out += part; }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline void append_part(std::string& out, T part) {
+  out += std::to_string(part);
+}
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append_part(out, parts), ...);
+  return out;
+}
+#define ESP_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
+
 void check_cuda(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  ESP_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
 }
 
 const int32_t* perm_pointer(const c10::optional<torch::Tensor>& perm, int64_t k) {
   if (!perm.has_value() || !perm->defined()) return nullptr;
   check_cuda(*perm, "perm");
-  TORCH_CHECK(perm->scalar_type() == at::kInt && perm->numel() == k && perm->is_contiguous(),
+  ESP_CHECK(perm->scalar_type() == at::kInt && perm->numel() == k && perm->is_contiguous(),
               "perm must be contiguous int32 [K]");
   return perm->data_ptr<int32_t>();
 }
@@ -35,22 +56,22 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
               const std::vector<c10::optional<torch::Tensor>>& xfrags, bool direct,
               const std::vector<int64_t>& meta_rows_aligned, bool pdl) {
   const size_t count = values.size();
-  TORCH_CHECK(count >= 1 && count <= (size_t)esparse_sp24::kMaxGroup, "a launch takes 1..",
+  ESP_CHECK(count >= 1 && count <= (size_t)esparse_sp24::kMaxGroup, "a launch takes 1..",
               esparse_sp24::kMaxGroup, " weights, got ", count);
-  TORCH_CHECK(perms.size() == count && metas.size() == count && outs.size() == count && xfrags.size() == count &&
+  ESP_CHECK(perms.size() == count && metas.size() == count && outs.size() == count && xfrags.size() == count &&
                   meta_rows_aligned.size() == count,
               "perms, values, metas, outs, xfrags and meta_rows_aligned need one entry per weight");
   check_cuda(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit stride along features");
+  ESP_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit stride along features");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "x must be float16 or bfloat16");
+  ESP_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "x must be float16 or bfloat16");
   const int64_t k = x.size(1), t = x.size(0);
-  TORCH_CHECK(k % 64 == 0, "in_features must be a multiple of 64, got ", k);
-  TORCH_CHECK(t >= 1 && t <= 16, "the decode kernel takes 1..16 tokens, got ", t);
-  TORCH_CHECK(warps >= 1 && warps <= 8, "warps must be 1..8");
-  TORCH_CHECK(depth == 4 || depth == 8, "depth must be 4 or 8");
-  TORCH_CHECK(splits >= 1, "splits must be >= 1");
-  TORCH_CHECK(meta_variant == 0 || meta_variant == 1, "meta_variant must be 0 or 1");
+  ESP_CHECK(k % 64 == 0, "in_features must be a multiple of 64, got ", k);
+  ESP_CHECK(t >= 1 && t <= 16, "the decode kernel takes 1..16 tokens, got ", t);
+  ESP_CHECK(warps >= 1 && warps <= 8, "warps must be 1..8");
+  ESP_CHECK(depth == 4 || depth == 8, "depth must be 4 or 8");
+  ESP_CHECK(splits >= 1, "splits must be >= 1");
+  ESP_CHECK(meta_variant == 0 || meta_variant == 1, "meta_variant must be 0 or 1");
   const int eff = esparse_sp24::sp24_effective_splits((int)k, (int)splits);
   const int64_t tile_rows = 16 * warps;
   esparse_sp24::Problem probs[esparse_sp24::kMaxGroup] = {};
@@ -62,22 +83,22 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
     check_cuda(vals, "values");
     check_cuda(meta, "meta");
     check_cuda(out, "out");
-    TORCH_CHECK(vals.dim() == 2 && out.dim() == 2, "values and out must be 2-D");
-    TORCH_CHECK(vals.scalar_type() == dtype && out.scalar_type() == dtype, "x, values and out must share a dtype");
+    ESP_CHECK(vals.dim() == 2 && out.dim() == 2, "values and out must be 2-D");
+    ESP_CHECK(vals.scalar_type() == dtype && out.scalar_type() == dtype, "x, values and out must share a dtype");
     const int64_t n = vals.size(0);
-    TORCH_CHECK(2 * vals.size(1) == k, "x has ", k, " features, weight ", i, " has ", 2 * vals.size(1));
-    TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "values and meta must be contiguous");
+    ESP_CHECK(2 * vals.size(1) == k, "x has ", k, " features, weight ", i, " has ", 2 * vals.size(1));
+    ESP_CHECK(vals.is_contiguous() && meta.is_contiguous(), "values and meta must be contiguous");
     const int64_t aligned = meta_rows_aligned[i];
     if (aligned == 0) {
-      TORCH_CHECK(meta.scalar_type() == at::kInt && meta.dim() == 2 && meta.size(0) == n && meta.size(1) == k / 32,
+      ESP_CHECK(meta.scalar_type() == at::kInt && meta.dim() == 2 && meta.size(0) == n && meta.size(1) == k / 32,
                   "meta must be int32 [N, K/32]");
     } else {
-      TORCH_CHECK(aligned % 64 == 0 && aligned >= n && aligned < (int64_t(1) << 24),
+      ESP_CHECK(aligned % 64 == 0 && aligned >= n && aligned < (int64_t(1) << 24),
                   "meta_rows_aligned must be a multiple of 64 and >= N, got ", aligned);
-      TORCH_CHECK(meta.scalar_type() == at::kByte && meta.numel() >= aligned * ((k + 127) / 128) * 16,
+      ESP_CHECK(meta.scalar_type() == at::kByte && meta.numel() >= aligned * ((k + 127) / 128) * 16,
                   "sm90 meta must be uint8 with >= rows_aligned * ceil(K/128) * 16 bytes");
     }
-    TORCH_CHECK(out.stride(1) == 1 && out.size(0) == t && out.size(1) == n,
+    ESP_CHECK(out.stride(1) == 1 && out.size(0) == t && out.size(1) == n,
                 "out must be [T, N] with unit stride along features");
     esparse_sp24::Problem& q = probs[i];
     q.perm = perm_pointer(perms[i], k);
@@ -90,15 +111,15 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
     if (xfrags[i].has_value() && xfrags[i]->defined()) {
       const torch::Tensor& xf = *xfrags[i];
       check_cuda(xf, "xfrag");
-      TORCH_CHECK(xf.scalar_type() == dtype && xf.is_contiguous() && xf.numel() >= t * k,
+      ESP_CHECK(xf.scalar_type() == dtype && xf.is_contiguous() && xf.numel() >= t * k,
                   "xfrag must be a contiguous buffer of >= T*K elements of the weight dtype");
       q.xfrag = xf.data_ptr();
     }
-    TORCH_CHECK(!direct || q.xfrag != nullptr, "direct B-fragment reads need the staged xfrag buffer");
+    ESP_CHECK(!direct || q.xfrag != nullptr, "direct B-fragment reads need the staged xfrag buffer");
     if (eff > 1) {
       check_cuda(ws, "ws");
       check_cuda(counters, "counters");
-      TORCH_CHECK(ws.scalar_type() == at::kFloat && counters.scalar_type() == at::kInt, "ws float32, counters int32");
+      ESP_CHECK(ws.scalar_type() == at::kFloat && counters.scalar_type() == at::kInt, "ws float32, counters int32");
       q.ws = ws.data_ptr<float>() + eff * t * rows_before;
       q.counters = counters.data_ptr<int>() + tiles_before;
     }
@@ -106,15 +127,15 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
     tiles_before += (n + tile_rows - 1) / tile_rows;
   }
   if (eff > 1) {
-    TORCH_CHECK(ws.numel() >= eff * t * rows_before, "ws too small: need ", eff * t * rows_before, " floats");
-    TORCH_CHECK(counters.numel() >= tiles_before, "counters too small: need ", tiles_before);
+    ESP_CHECK(ws.numel() >= eff * t * rows_before, "ws too small: need ", eff * t * rows_before, " floats");
+    ESP_CHECK(counters.numel() >= tiles_before, "counters too small: need ", tiles_before);
   }
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   cudaError_t err = esparse_sp24::sp24_mma_launch(
       x.data_ptr(), probs, (int)count, (int)k, (int)t, (int)x.stride(0), (int)splits, (int)warps, (int)depth,
       (int)meta_variant, dtype == at::kBFloat16, direct, pdl, stream);
-  TORCH_CHECK(err == cudaSuccess, "sp24_mma launch failed: ", cudaGetErrorString(err));
+  ESP_CHECK(err == cudaSuccess, "sp24_mma launch failed: ", cudaGetErrorString(err));
 }
 
 // x[t, perms_i[col]] for all of K in the decode kernel's B-fragment order, into xfrags_i (>= T*K
@@ -122,19 +143,19 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
 void sp24_stage(const torch::Tensor& x, const std::vector<c10::optional<torch::Tensor>>& perms,
                 const std::vector<torch::Tensor>& xfrags, bool pdl) {
   check_cuda(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit stride along features");
+  ESP_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit stride along features");
   const int64_t t = x.size(0), k = x.size(1);
-  TORCH_CHECK(k % 64 == 0 && t >= 1 && t <= 16, "sp24_stage needs K % 64 == 0 and 1..16 tokens");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+  ESP_CHECK(k % 64 == 0 && t >= 1 && t <= 16, "sp24_stage needs K % 64 == 0 and 1..16 tokens");
+  ESP_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
   const size_t count = xfrags.size();
-  TORCH_CHECK(count >= 1 && count <= (size_t)esparse_sp24::kMaxGroup && perms.size() == count,
+  ESP_CHECK(count >= 1 && count <= (size_t)esparse_sp24::kMaxGroup && perms.size() == count,
               "sp24_stage takes 1..", esparse_sp24::kMaxGroup, " (perm, xfrag) pairs");
   const int32_t* perm_ptrs[esparse_sp24::kMaxGroup] = {};
   void* xfrag_ptrs[esparse_sp24::kMaxGroup] = {};
   for (size_t i = 0; i < count; ++i) {
     const torch::Tensor& xf = xfrags[i];
     check_cuda(xf, "xfrag");
-    TORCH_CHECK(xf.scalar_type() == x.scalar_type() && xf.is_contiguous() && xf.numel() >= t * k,
+    ESP_CHECK(xf.scalar_type() == x.scalar_type() && xf.is_contiguous() && xf.numel() >= t * k,
                 "xfrag must be a contiguous buffer of >= T*K elements of x's dtype");
     perm_ptrs[i] = perm_pointer(perms[i], k);
     xfrag_ptrs[i] = xf.data_ptr();
@@ -143,7 +164,7 @@ void sp24_stage(const torch::Tensor& x, const std::vector<c10::optional<torch::T
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   cudaError_t err = esparse_sp24::sp24_stage_launch(x.data_ptr(), perm_ptrs, xfrag_ptrs, (int)count, (int)k, (int)t,
                                                     (int)x.stride(0), pdl, stream);
-  TORCH_CHECK(err == cudaSuccess, "sp24_stage launch failed: ", cudaGetErrorString(err));
+  ESP_CHECK(err == cudaSuccess, "sp24_stage launch failed: ", cudaGetErrorString(err));
 }
 
 int64_t effective_splits(int64_t k, int64_t splits) {
