@@ -294,7 +294,10 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
     torch.cuda.empty_cache()
     model = build_variant(target, variant, settings, device, plans)
     if settings.grouped and model.fused:
-        model.group_projections(tokens=[t for t in settings.token_counts() if t <= 16], reps=settings.tune_reps)
+        from esparse_kernels.cuda_sp24 import MAX_TOKENS
+
+        model.group_projections(tokens=[t for t in settings.token_counts() if t <= MAX_TOKENS],
+                                reps=settings.tune_reps)
         for group in (model.projection_groups[0] if model.projection_groups else ()):
             for timing in group.timings:
                 log.info("%s %s group %s x %d, %d tokens: members %.2f us, grouped %.2f us (%s)", target,

@@ -20,6 +20,8 @@ HAS_CUDA = torch.cuda.is_available()
     (40, 192, 3, CudaConfig(2, 2, 4), True),   # row tail inside a warp, 2 splits
     (16, 128, 1, CudaConfig(1, 1, 4), False),  # one token, no permutation
     (24, 256, 11, CudaConfig(1, 3, 8), True),  # two token tiles, uneven split (4 chunks over 3)
+    (40, 128, 21, CudaConfig(2, 2, 4), True),  # four token tiles, the last one partly past T
+    (16, 192, 32, CudaConfig(1, 1, 4), True),  # the largest token count
 ])
 @pytest.mark.parametrize("variant", [0, 1])
 def test_emulated_kernel_matches_reference(n, k, tokens, cfg, with_perm, variant):
@@ -58,7 +60,7 @@ def test_emulator_detects_a_wrong_metadata_layout(monkeypatch):
     assert rel_frobenius_error(emulate(x, packed, CudaConfig(1, 1, 4), 0), reference_linear(x, packed)) > 0.1
 
 
-@pytest.mark.parametrize("tokens,with_perm", [(1, True), (3, False), (9, True)])
+@pytest.mark.parametrize("tokens,with_perm", [(1, True), (3, False), (9, True), (27, True)])
 def test_pre_staging_matches_per_cta_staging(tokens, with_perm):
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 192, generator=gen).half()
@@ -77,17 +79,20 @@ def test_config_and_splits():
     assert CudaConfig.from_dict(pdl.to_dict()) == pdl and pdl.label == "mma_w8_sk4_d8_pre_ldg_pdl"
     with pytest.raises(ConfigError, match="needs pre=True"):
         CudaConfig(8, 4, 8, direct=True)
-    assert cfg.supports(1) and cfg.supports(16) and not cfg.supports(17)
+    assert cfg.supports(1) and cfg.supports(32) and not cfg.supports(33) and cs.MAX_TOKENS == 32
     for bad in ({"warps": 0}, {"warps": 9}, {"split_k": 0}, {"depth": 6}):
         with pytest.raises(ConfigError):
             CudaConfig(**bad)
     assert effective_splits(4096, 3) == 3 and effective_splits(384, 16) == 6  # never an empty split
     assert effective_splits(256, 3) == 2  # 4 chunks: 2 per split
     assert smem_bytes(4096, 4, 16) == 1024 * 16 * 2
+    # 32 tokens of 4096 features staged by one CTA: 256 KiB, more than a multiprocessor's shared memory
+    with pytest.raises(ConfigError, match=r"mma_w4_sk1_d4 stages 262144 bytes .* 4096 features and 32 tokens"):
+        cs.CudaWorkspace(CudaConfig(4, 1, 4), 4096, 32, "cpu", 4096)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (22016, 8192), (8192, 22016)])
-@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("tokens", [1, 16, 32])
 def test_candidates_fit_the_device(n, k, tokens):
     cands = cuda_candidates(n, k, tokens, n_sms=132)
     assert cands and len(set(cands)) == len(cands)
@@ -95,7 +100,7 @@ def test_candidates_fit_the_device(n, k, tokens):
         assert c.supports(tokens) and (c.direct or smem_bytes(k, c.split_k, tokens) <= cs.MAX_SMEM)
         assert effective_splits(k, c.split_k) == c.split_k
         assert -(-n // c.rows_per_cta) * c.split_k <= 6 * 132
-    assert cuda_candidates(n, k, 17) == [] and cuda_candidates(n, k + 32, 1) == []
+    assert cuda_candidates(n, k, 33) == [] and cuda_candidates(n, k + 32, 1) == []
     # no shared memory: split-K 1 stays a candidate however long K is
     assert any(c.direct and c.split_k == 1 for c in cands)
     assert not any(c.pdl for c in cands)
@@ -126,7 +131,10 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
                                         (CudaConfig(4, 3, 8, pre=True, direct=True), 11),
                                         (CudaConfig(4, 3, 4, pdl=True), 1),
                                         (CudaConfig(8, 2, 4, pre=True, pdl=True), 9),
-                                        (CudaConfig(4, 3, 8, pre=True, direct=True, pdl=True), 16)])
+                                        (CudaConfig(4, 3, 8, pre=True, direct=True, pdl=True), 16),
+                                        (CudaConfig(4, 2, 4), 17), (CudaConfig(2, 3, 8, pre=True), 24),
+                                        (CudaConfig(4, 1, 8, pre=True, direct=True), 32),
+                                        (CudaConfig(8, 6, 4, pre=True, direct=True, pdl=True), 29)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
     if cfg.pdl and not cs.pdl_supported():
@@ -148,7 +156,8 @@ def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
 @cuda_only
 @pytest.mark.parametrize("cfg,tokens", [(CudaConfig(4, 1, 4), 1), (CudaConfig(1, 3, 8), 7),
                                         (CudaConfig(8, 2, 4, pre=True), 3),
-                                        (CudaConfig(2, 5, 4, pre=True, direct=True), 16)])
+                                        (CudaConfig(2, 5, 4, pre=True, direct=True), 16),
+                                        (CudaConfig(4, 2, 8, pre=True, direct=True), 32)])
 def test_cuda_kernel_reads_the_sm90_metadata(cfg, tokens):
     """The layout a layer with the CUTLASS prefill path keeps: the rows meta is then not passed at all."""
     gen = torch.Generator().manual_seed(tokens + 40)

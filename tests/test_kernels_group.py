@@ -171,10 +171,10 @@ def test_grouped_launch_refuses_bad_groups():
 
 BAD_EXTENSION_CALLS = {
     # name: (the call's setup and call, the message its TORCH_CHECK must raise)
-    "17 tokens": ("x = torch.randn(17, 256, device='cuda').half()\n"
-                  "out = torch.empty(17, 64, dtype=torch.float16, device='cuda')\n"
+    "33 tokens": ("x = torch.randn(33, 256, device='cuda').half()\n"
+                  "out = torch.empty(33, 64, dtype=torch.float16, device='cuda')\n"
                   "ext.sp24_mma(x, [p.perm], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False)\n",
-                  "the decode kernel takes 1..16 tokens, got 17"),
+                  "the decode kernel takes 1..32 tokens, got 33"),
     "4 weights": ("x = torch.randn(1, 256, device='cuda').half()\n"
                   "outs = [torch.empty(1, 64, dtype=torch.float16, device='cuda') for _ in range(4)]\n"
                   "ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False,\n"

@@ -2,7 +2,7 @@
 
 - ``pack``: the packed 2:4 format (values + 2-bit indices + optional permutation), exact round trip.
 - ``triton_sp24``: Triton kernels (few-token gather kernel, tensor-core kernel, decompression).
-- ``cuda_sp24``: CUDA C++ decode kernel (1-16 tokens) on the sparse tensor cores (``mma.sp``), a
+- ``cuda_sp24``: CUDA C++ decode kernel (1-32 tokens) on the sparse tensor cores (``mma.sp``), a
   PyTorch extension compiled on first use from ``csrc/``.
 - ``build``: ``build_kernels(pruned_model_dir, out_dir, token_buckets, device)`` and its CLI.
 - ``linear``: ``SparseLinear`` and ``swap_sparse_linears(model, build_dir)``.

@@ -3,7 +3,7 @@
 Backends:
 - ``dense``: cuBLAS ``torch.mm(x, W.t())`` on the masked dense weight in the original column order.
 - ``ours``: the Triton kernels of triton_sp24 on the packed format, permutation included.
-- ``ours_cuda``: the CUDA C++ decode kernel of cuda_sp24 (sparse tensor cores, 1-16 tokens),
+- ``ours_cuda``: the CUDA C++ decode kernel of cuda_sp24 (sparse tensor cores, 1-32 tokens),
   permutation included (gathered once per CTA into shared memory).
 - ``ours_cutlass``: the prefill GEMM of cutlass_sp24 (CUTLASS's ``wgmma.sp`` kernels, Hopper, from
   cutlass_sp24.MIN_TOKENS tokens), permutation included (x[:, perm] gathered by the library's own

@@ -7,8 +7,8 @@
 For every shape and token count: time every candidate (tuning pass), then time the best of each
 backend again with more repeats (final pass; these are the reported rows), plus `dispatch` (the best
 final backend, dense allowed: what SparseLinear runs) and `dispatch_sparse` (best sparse-only backend).
-Backends: `ours` (Triton kernels), `ours_cuda` (the CUDA decode kernel on sparse tensor cores, 1-16
-tokens), `ours_cutlass` (CUTLASS's Hopper sparse GEMM, 64+ tokens), `cusparselt`, `decompress_dense`.
+Backends: `ours` (Triton kernels), `ours_cuda` (the CUDA decode kernel on sparse tensor cores, 1-32
+tokens), `ours_cutlass` (CUTLASS's Hopper sparse GEMM, 16+ tokens), `cusparselt`, `decompress_dense`.
 Rows of backend `ours_noperm` / `ours_cuda_noperm` / `ours_cutlass_noperm` / `cusparselt_noperm` show
 the same best configs without the channel permutation. Weights are random 2:4 in a random permuted order, inputs random (never zeros).
 cuSPARSELt is tried from 64 tokens up (autotune.cslt_candidates says why); each model runs in its own

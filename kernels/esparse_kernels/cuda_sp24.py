@@ -1,4 +1,4 @@
-"""CUDA C++ decode kernel (1-16 tokens) on the sparse tensor cores, as a PyTorch extension.
+"""CUDA C++ decode kernel (1-32 tokens) on the sparse tensor cores, as a PyTorch extension.
 
 The kernel (``csrc/sp24_mma.cu``) feeds the packed format of pack.py, unchanged, to the warp-level
 ``mma.sp`` m16n8k32 instruction: 16 weight rows x 16 kept values (A), their 2-bit in-group indices
@@ -36,7 +36,7 @@ from .pack import Packed24, sm90_meta_shape
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("sp24_binding.cpp", "sp24_mma.cu")  # + sp24_mma.h, their shared interface
-MAX_TOKENS = 16
+MAX_TOKENS = 32  # csrc/sp24_mma.h's kMaxTokens: up to four token tiles of 8
 CHUNK = 64  # input columns per chunk (two MMAs)
 DEPTHS = (4, 8)
 MAX_SMEM = 200 * 1024  # staged activations per CTA we allow the tuner to ask for
@@ -165,6 +165,11 @@ class CudaWorkspace:
                  dtype: torch.dtype = torch.float16, staged: int = 1):
         if max_tokens > MAX_TOKENS:
             raise ConfigError(f"the CUDA decode kernel takes at most {MAX_TOKENS} tokens, got {max_tokens}")
+        if not config.direct and smem_bytes(in_features, config.split_k, max_tokens) > MAX_SMEM:
+            raise ConfigError(
+                f"{config.label} stages {smem_bytes(in_features, config.split_k, max_tokens)} bytes of activations "
+                f"per CTA for {in_features} features and {max_tokens} tokens, more than the {MAX_SMEM} allowed: use "
+                f"a larger split_k or direct=True")
         widths = [int(out_features)] if isinstance(out_features, int) else [int(n) for n in out_features]
         if not 1 <= len(widths) <= MAX_GROUP or not 1 <= staged <= len(widths):
             raise ConfigError(f"a launch takes 1..{MAX_GROUP} weights and stages 1..weights permutations, "
@@ -188,7 +193,7 @@ MAX_GROUP = 3  # weights one grouped launch runs (csrc/sp24_mma.h's kMaxGroup)
 def sp24_cuda_group_matmul(x: torch.Tensor, packs: list[Packed24], config: CudaConfig, workspace: CudaWorkspace,
                            outs: list[torch.Tensor], metas_sm90: list | None = None) -> list[torch.Tensor]:
     """outs[i][T, N_i] = x[T, K] @ W_i^T for 1-3 packed weights sharing x, in one launch (plus one staging
-    launch in the ``pre`` modes, one staged copy per distinct permutation); 1 <= T <= 16.
+    launch in the ``pre`` modes, one staged copy per distinct permutation); 1 <= T <= MAX_TOKENS.
 
     ``outs`` may be column slices of one [T, sum(N_i)] buffer. ``metas_sm90[i]``: weight i's metadata in
     CUTLASS's sm90 layout, read instead of ``packs[i].meta`` (or None). No host synchronisation, no
@@ -238,7 +243,7 @@ def sp24_cuda_group_matmul(x: torch.Tensor, packs: list[Packed24], config: CudaC
 
 def sp24_cuda_matmul(x: torch.Tensor, packed: Packed24, config: CudaConfig, workspace: CudaWorkspace,
                      out: torch.Tensor | None = None, meta_sm90: torch.Tensor | None = None) -> torch.Tensor:
-    """out[T, N] = x[T, K] @ W^T (permutation included) with the CUDA decode kernel; 1 <= T <= 16.
+    """out[T, N] = x[T, K] @ W^T (permutation included) with the CUDA decode kernel; 1 <= T <= MAX_TOKENS.
 
     ``meta_sm90``: the metadata in CUTLASS's sm90 layout (pack.meta_to_sm90), read instead of
     ``packed.meta`` (which may then be empty): the layout a layer holding the CUTLASS prefill path keeps.
@@ -389,7 +394,7 @@ def emulate(x: torch.Tensor, packed: Packed24, config: CudaConfig, variant: int 
     n, k = packed.shape
     t_count = x.shape[0]
     if k % CHUNK or not 1 <= t_count <= MAX_TOKENS:
-        raise ConfigError("emulate needs K % 64 == 0 and 1..16 tokens")
+        raise ConfigError(f"emulate needs K % 64 == 0 and 1..{MAX_TOKENS} tokens, got K={k} and {t_count} tokens")
     vals = packed.values.to(torch.float64).cpu()
     meta = packed.meta.cpu().to(torch.int64) & 0xFFFFFFFF
     e32 = None
@@ -403,7 +408,7 @@ def emulate(x: torch.Tensor, packed: Packed24, config: CudaConfig, variant: int 
     splits = -(-nchunks // cps)
     tile_rows = 16 * config.warps
     partial = torch.zeros(splits, t_count, n, dtype=torch.float64)
-    nt_count = 2 if t_count > 8 else 1
+    nt_count = 4 if t_count > 16 else (2 if t_count > 8 else 1)  # the kernel's token tiles of 8
     for split in range(splits):
         c_begin = split * cps
         nc = min(cps, nchunks - c_begin)

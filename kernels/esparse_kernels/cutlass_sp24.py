@@ -59,7 +59,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
               "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC")
 # The tiles are 128 tokens wide, so at few tokens they run mostly empty; but a call is memory-bound
 # up to some hundred tokens even so, and stream-K spreads a few tiles over every SM, so the tuner times
-# CUTLASS from 16 tokens (the decode kernel's largest bucket; below it that kernel wins).
+# CUTLASS from 16 tokens (where the two overlap, 16-32 tokens, the tuner decides).
 MIN_TOKENS = 16
 RETURN_CODES = {1: "bad dtype or configuration", 2: "workspace too small", 3: "shape not supported",
                 4: "initialisation failed", 5: "launch failed"}

@@ -12,7 +12,7 @@ concatenated weight), so a profile compares kernels, not launch counts.
   member's weight, permutation and metadata). Its configuration is tuned per token bucket on the group
   (rotating weight copies, as the per-shape tuner does), and the group is used for a bucket only where
   it beat the members' own tuned launches one after another in the same timing; elsewhere, and past the
-  decode kernel's 16 tokens, the members run as planned.
+  decode kernel's 32 tokens, the members run as planned.
 - Anything else runs the members one after another.
 
 ``forward`` returns one output per member, in order; grouped outputs are column slices of one buffer

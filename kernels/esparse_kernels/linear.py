@@ -6,7 +6,7 @@ buffer), so the hot path has no host synchronisation and no cudaMalloc: outputs 
 caching allocator, which CUDA-graph capture supports, and whole models can be captured.
 
 Backends: ``ours`` (Triton kernels), ``ours_cuda`` (the CUDA decode kernel on sparse tensor cores,
-1-16 tokens; token counts beyond its bucket fall back to ``decompress_dense``), ``ours_cutlass``
+1-32 tokens; token counts beyond its bucket fall back to ``decompress_dense``), ``ours_cutlass``
 (CUTLASS's Hopper sparse GEMM for prefill; it shares the packed values and brings CUTLASS's metadata,
 1/16 of the dense bytes, made once at construction), ``dense`` (cuBLAS on
 a dense copy of the masked weight: only kept when the plan picks dense somewhere and ``allow_dense``

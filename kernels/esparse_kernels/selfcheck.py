@@ -93,7 +93,7 @@ def run(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: i
 def cuda_cases(dtype: torch.dtype, pdl: bool = False):
     from dataclasses import replace
 
-    from .cuda_sp24 import CudaConfig
+    from .cuda_sp24 import MAX_SMEM, CudaConfig, smem_bytes
 
     shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
     configs = [CudaConfig(4, 1, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(4, 3, 4), CudaConfig(2, 16, 8),
@@ -105,11 +105,12 @@ def cuda_cases(dtype: torch.dtype, pdl: bool = False):
     if pdl:  # programmatic dependent launches: per-CTA staging, pre-staged, direct
         direct = next(c for c in configs if c.direct)
         configs += [replace(c, pdl=True) for c in (configs[0], configs[1], direct)]
-    tokens = [1, 2, 3, 7, 8, 9, 15, 16]
+    tokens = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 32]
     for shape in shapes:
         for cfg in configs:
             for t in tokens:
-                yield shape, cfg, t
+                if cfg.direct or smem_bytes(shape[1], cfg.split_k, t) <= MAX_SMEM:  # else the workspace refuses
+                    yield shape, cfg, t
 
 
 def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 3) -> dict:

@@ -26,6 +26,7 @@
 # R: grouped projections, programmatic launch of the fused Triton kernels, down_proj's permutation
 #    folded: GPU tests, then an A/B of the LLaMA-7B step (run R1 used --grouped, now the default).
 # S: the defaults after R1: R's GPU tests, the LLaMA-7B issue-6 grid, 13B batch-1 cells.
+# U: the decode kernel to 32 tokens: its GPU tests, 7B/13B shapes at 16 and 32 tokens, the 7B grid, 13B cells.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
 # attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
@@ -64,6 +65,32 @@ profile_grid() {
 # partial records whose complete one was written
 drop_partials() {
     for f in "$OUT"/*.partial.json; do [ -e "${f%.partial.json}.json" ] && rm -f "$f"; done
+}
+# one failing extension check, alone, in its own process (runs S1 and S2 segfaulted on one); its
+# backtrace under cuda-gdb if it crashes
+bad_call_check() {
+    stamp "one failing extension check, alone (run S1 segfaulted on one); under cuda-gdb if it crashes"
+    cat > /tmp/bad_call.py <<'PY'
+import torch
+import esparse_kernels.cuda_sp24 as cs
+from esparse_kernels.pack import pack_24, random_24_weight
+ext = cs.load_extension()
+p = pack_24(*random_24_weight(64, 256, torch.float16, "cpu", torch.Generator().manual_seed(0))).to("cuda")
+ws, cnt = torch.empty(1, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+x = torch.randn(1, 256, device="cuda").half()
+outs = [torch.empty(1, 64, dtype=torch.float16, device="cuda") for _ in range(4)]
+try:
+    ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False, [0] * 4, False)
+except RuntimeError as exc:
+    print("raised RuntimeError:", str(exc).splitlines()[0])
+PY
+    timeout 60 $PY -X faulthandler /tmp/bad_call.py > /tmp/bad_call.log 2>&1
+    rc=$?
+    tail -12 /tmp/bad_call.log
+    echo "bad call: exit status $rc"
+    if [ "$rc" != 0 ] && command -v cuda-gdb >/dev/null; then
+        timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/bad_call.py 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40
+    fi
 }
 # the whole-model profiling grid of modes E and G (issue 6's prompts, batches and contexts)
 GRID="--prefill 128:1,128:8,512:1,512:8,2048:1,2048:8 --decode 128:1,128:8,128:32,2048:1,2048:8,2048:32"
@@ -310,28 +337,7 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     carried_wheels
     export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
     build_decode_and_prefill
-    stamp "one failing extension check, alone (run S1 segfaulted on one); under cuda-gdb if it crashes"
-    cat > /tmp/bad_call.py <<'PY'
-import torch
-import esparse_kernels.cuda_sp24 as cs
-from esparse_kernels.pack import pack_24, random_24_weight
-ext = cs.load_extension()
-p = pack_24(*random_24_weight(64, 256, torch.float16, "cpu", torch.Generator().manual_seed(0))).to("cuda")
-ws, cnt = torch.empty(1, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
-x = torch.randn(1, 256, device="cuda").half()
-outs = [torch.empty(1, 64, dtype=torch.float16, device="cuda") for _ in range(4)]
-try:
-    ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False, [0] * 4, False)
-except RuntimeError as exc:
-    print("raised RuntimeError:", str(exc).splitlines()[0])
-PY
-    timeout 60 $PY -X faulthandler /tmp/bad_call.py > /tmp/bad_call.log 2>&1
-    rc=$?
-    tail -12 /tmp/bad_call.log
-    echo "bad call: exit status $rc"
-    if [ "$rc" != 0 ] && command -v cuda-gdb >/dev/null; then
-        timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/bad_call.py 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40
-    fi
+    bad_call_check
     stamp "CUDA tests of the grouped launch, the fused kernels, both 2:4 kernels, the fold and the host probe"
     # the files never run on a GPU since session 12 first (run S2 spent its 90 s before reaching them)
     timeout ${S_TEST_S:-180} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_fused.py tests/test_kernels_cuda_mma.py \
@@ -342,6 +348,25 @@ PY
     [ "${S_GRID_S:-180}" -gt 0 ] && GRID="${S_GRID:-$GRID}" profile_grid ${S_GRID_S:-180} "ms$|Error|error|group" llama-7b
     GRID="--prefill 2048:1 --decode 128:1,2048:1"
     [ "${S_13B_S:-70}" -gt 0 ] && profile_grid ${S_13B_S:-70} "ms$|Error|error" llama-13b
+    drop_partials
+    ;;
+  U)
+    # the decode kernel to 32 tokens (four token tiles): its GPU tests first, the 7B and 13B shapes at 16
+    # and 32 tokens (decode kernel against CUTLASS and cuBLAS), then the LLaMA-7B issue-6 grid (batch-32
+    # decode now tries the decode kernel) and the 13B cells
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    build_decode_and_prefill
+    bad_call_check
+    stamp "CUDA tests: decode kernel, grouped launch, fused kernels, host probe"
+    timeout ${U_TEST_S:-130} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda_mma.py tests/test_kernels_group.py \
+        tests/test_kernels_fused.py tests/test_kernels_hostcost.py 2>&1 | tee "$OUT/pytest_u.log" | tail -8
+    stamp "bench U (16 and 32 tokens)"
+    timeout ${U_BENCH_S:-80} $BENCH --out "$OUT/kernels_u.csv" --shapes ${U_SHAPES:-llama-7b,llama-13b} --tokens 16,32 \
+        --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_u.log" | grep -v "^  [0-9]" | tail -30
+    [ "${U_GRID_S:-150}" -gt 0 ] && profile_grid ${U_GRID_S:-150} "ms$|Error|error|group" llama-7b
+    GRID="--prefill 2048:1 --decode 128:1,2048:1,128:32,2048:32"
+    [ "${U_13B_S:-70}" -gt 0 ] && profile_grid ${U_13B_S:-70} "ms$|Error|error" llama-13b
     drop_partials
     ;;
   T)

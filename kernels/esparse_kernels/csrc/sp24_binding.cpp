@@ -67,7 +67,8 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
   ESP_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "x must be float16 or bfloat16");
   const int64_t k = x.size(1), t = x.size(0);
   ESP_CHECK(k % 64 == 0, "in_features must be a multiple of 64, got ", k);
-  ESP_CHECK(t >= 1 && t <= 16, "the decode kernel takes 1..16 tokens, got ", t);
+  ESP_CHECK(t >= 1 && t <= esparse_sp24::kMaxTokens, "the decode kernel takes 1..", esparse_sp24::kMaxTokens,
+            " tokens, got ", t);
   ESP_CHECK(warps >= 1 && warps <= 8, "warps must be 1..8");
   ESP_CHECK(depth == 4 || depth == 8, "depth must be 4 or 8");
   ESP_CHECK(splits >= 1, "splits must be >= 1");
@@ -145,7 +146,9 @@ void sp24_stage(const torch::Tensor& x, const std::vector<c10::optional<torch::T
   check_cuda(x, "x");
   ESP_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit stride along features");
   const int64_t t = x.size(0), k = x.size(1);
-  ESP_CHECK(k % 64 == 0 && t >= 1 && t <= 16, "sp24_stage needs K % 64 == 0 and 1..16 tokens");
+  ESP_CHECK(k % 64 == 0, "sp24_stage needs in_features % 64 == 0, got ", k);
+  ESP_CHECK(t >= 1 && t <= esparse_sp24::kMaxTokens, "sp24_stage takes 1..", esparse_sp24::kMaxTokens,
+            " tokens, got ", t);
   ESP_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
   const size_t count = xfrags.size();
   ESP_CHECK(count >= 1 && count <= (size_t)esparse_sp24::kMaxGroup && perms.size() == count,

@@ -1,4 +1,4 @@
-// Decode kernel (1-16 tokens) for the packed 2:4 format on the sparse tensor cores (mma.sp, sm_80+).
+// Decode kernel (1-32 tokens) for the packed 2:4 format on the sparse tensor cores (mma.sp, sm_80+).
 //
 // out[T, N] = x[T, K] @ W^T with W the masked weight, stored as pack.py describes: values [N, K/2]
 // (two kept values per group of 4 permuted columns) and 2-bit in-group indices, 8 groups per int32
@@ -509,17 +509,25 @@ static cudaError_t launch_one(const GroupParams& g, dim3 grid, int threads, size
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-template <bool BF16, bool DIRECT>
-static cudaError_t launch_tiles(const GroupParams& g, dim3 grid, int threads, size_t smem, int depth, bool two,
+// token tiles of 8: 1 (1-8 tokens), 2 (9-16) or 4 (17-32; at 17-24 the fourth tile's MMAs are
+// wasted, which costs nothing measurable in a kernel bound by the weight stream)
+template <bool BF16, bool DIRECT, int NT>
+static cudaError_t launch_depth(const GroupParams& g, dim3 grid, int threads, size_t smem, int depth,
                                 cudaStream_t stream) {
-  if (two) return depth == 8 ? launch_one<BF16, 2, 8, DIRECT>(g, grid, threads, smem, stream)
-                             : launch_one<BF16, 2, 4, DIRECT>(g, grid, threads, smem, stream);
-  return depth == 8 ? launch_one<BF16, 1, 8, DIRECT>(g, grid, threads, smem, stream)
-                    : launch_one<BF16, 1, 4, DIRECT>(g, grid, threads, smem, stream);
+  return depth == 8 ? launch_one<BF16, NT, 8, DIRECT>(g, grid, threads, smem, stream)
+                    : launch_one<BF16, NT, 4, DIRECT>(g, grid, threads, smem, stream);
+}
+
+template <bool BF16, bool DIRECT>
+static cudaError_t launch_tiles(const GroupParams& g, dim3 grid, int threads, size_t smem, int depth, int t,
+                                cudaStream_t stream) {
+  if (t > 16) return launch_depth<BF16, DIRECT, 4>(g, grid, threads, smem, depth, stream);
+  if (t > 8) return launch_depth<BF16, DIRECT, 2>(g, grid, threads, smem, depth, stream);
+  return launch_depth<BF16, DIRECT, 1>(g, grid, threads, smem, depth, stream);
 }
 
 // Returns cudaSuccess or the launch error. Requirements (checked by the caller): 1 <= count <= kMaxGroup
-// problems sharing x (so K and T), K % 64 == 0, 1 <= T <= 16, splits >= 1, warps in {1..8}, depth in
+// problems sharing x (so K and T), K % 64 == 0, 1 <= T <= 32, splits >= 1, warps in {1..8}, depth in
 // {4, 8}; each problem's ws holds splits*T*N floats and its counters ceil(N / (16*warps)) zeroed ints
 // when splits > 1; `direct` only with every problem's xfrag.
 cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int k, int t, int ldx, int splits,
@@ -561,11 +569,10 @@ cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int 
   dim3 grid(tiles, g.prob[0].splits);
   const size_t smem = direct ? 0 : (size_t)cps * 64 * t * 2;
   const int threads = 32 * warps;
-  const bool two = t > 8;
-  if (bf16) return direct ? launch_tiles<true, true>(g, grid, threads, smem, depth, two, stream)
-                          : launch_tiles<true, false>(g, grid, threads, smem, depth, two, stream);
-  return direct ? launch_tiles<false, true>(g, grid, threads, smem, depth, two, stream)
-                : launch_tiles<false, false>(g, grid, threads, smem, depth, two, stream);
+  if (bf16) return direct ? launch_tiles<true, true>(g, grid, threads, smem, depth, t, stream)
+                          : launch_tiles<true, false>(g, grid, threads, smem, depth, t, stream);
+  return direct ? launch_tiles<false, true>(g, grid, threads, smem, depth, t, stream)
+                : launch_tiles<false, false>(g, grid, threads, smem, depth, t, stream);
 }
 
 // x[:, perm_i] in fragment order into xfrag_i for each of `count` (perm, xfrag) pairs, one launch.

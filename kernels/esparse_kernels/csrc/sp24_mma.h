@@ -5,7 +5,8 @@
 
 namespace esparse_sp24 {
 
-constexpr int kMaxGroup = 3;  // problems one grouped launch may run (q, k, v)
+constexpr int kMaxGroup = 3;   // problems one grouped launch may run (q, k, v)
+constexpr int kMaxTokens = 32;  // rows of x one launch takes (four token tiles of 8)
 
 // One problem of a launch: a packed weight, its permutation and where its results go.
 struct Problem {
