@@ -30,7 +30,8 @@ from esparse.io import atomic_path, sha256_file, write_json
 
 from .pack import Packed24, is_24, pack_24
 
-DEFAULT_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 64, 256, 2048, 8192)
+# the benchmark's buckets plus 32 (batch-32 decode; the decode kernel's largest token count)
+DEFAULT_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 256, 2048, 8192)
 PLAN_VERSION = 1
 PACKED_FILE = "packed.safetensors"
 PLAN_FILE = "plan.json"
