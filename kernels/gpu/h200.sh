@@ -359,12 +359,12 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     build_decode_and_prefill
     bad_call_check
     stamp "CUDA tests: decode kernel, grouped launch, fused kernels, host probe"
-    timeout ${U_TEST_S:-130} $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_cuda_mma.py tests/test_kernels_group.py \
-        tests/test_kernels_fused.py tests/test_kernels_hostcost.py 2>&1 | tee "$OUT/pytest_u.log" | tail -8
+    timeout ${U_TEST_S:-130} $PY -m pytest -q -p no:cacheprovider -rs ${U_TESTS:-tests/test_kernels_cuda_mma.py \
+        tests/test_kernels_group.py tests/test_kernels_fused.py tests/test_kernels_hostcost.py} 2>&1 | tee "$OUT/pytest_u.log" | tail -8
     stamp "bench U (16 and 32 tokens)"
     timeout ${U_BENCH_S:-80} $BENCH --out "$OUT/kernels_u.csv" --shapes ${U_SHAPES:-llama-7b,llama-13b} --tokens 16,32 \
         --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_u.log" | grep -v "^  [0-9]" | tail -30
-    [ "${U_GRID_S:-150}" -gt 0 ] && profile_grid ${U_GRID_S:-150} "ms$|Error|error|group" llama-7b
+    [ "${U_GRID_S:-150}" -gt 0 ] && GRID="${U_GRID:-$GRID}" profile_grid ${U_GRID_S:-150} "ms$|Error|error|group" llama-7b
     GRID="--prefill 2048:1 --decode 128:1,2048:1,128:32,2048:32"
     [ "${U_13B_S:-70}" -gt 0 ] && profile_grid ${U_13B_S:-70} "ms$|Error|error" llama-13b
     drop_partials

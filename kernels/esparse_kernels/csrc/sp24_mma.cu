@@ -400,35 +400,52 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  // Sum the partials in split order (deterministic), four splits and two outputs per thread at a
-  // time so that the loads are in flight together.
+  // Sum the partials in split order (deterministic). Each thread takes RO outputs per pass and loads
+  // four splits of all of them before adding (RO * 4 loads in flight): with the splits loop inside the
+  // per-output loop, as first written, every output cost one L2 round trip of its own, which at 32
+  // tokens (16 outputs per thread with 8 warps) made the tail grow with the token count (run U1).
+  constexpr int RO = NT == 1 ? 2 : 4 * (NT / 2);  // 2, 4 or 8
   const int tile0 = tile * tile_rows;
   const int outputs = tile_rows * T;
-  for (int i0 = threadIdx.x; i0 < outputs; i0 += 2 * blockDim.x) {
-    float sum[2];
+  const size_t step = (size_t)T * p.n;
+  for (int i0 = threadIdx.x; i0 < outputs; i0 += RO * blockDim.x) {
+    const float* src[RO];
 #pragma unroll
-    for (int o = 0; o < 2; ++o) {
-      const int idx = min(i0 + o * (int)blockDim.x, outputs - 1);
+    for (int o = 0; o < RO; ++o) {
+      const int idx = min(i0 + o * (int)blockDim.x, outputs - 1);  // past the end: reload the last one
       const int r = min(tile0 + idx % tile_rows, p.n - 1);
-      const int t = idx / tile_rows;
-      const float* src = p.ws + (size_t)t * p.n + r;
-      const size_t step = (size_t)T * p.n;
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-      int sp = 0;
-      for (; sp + 4 <= p.splits; sp += 4) {
-        s0 += __ldcg(src + sp * step);
-        s1 += __ldcg(src + (sp + 1) * step);
-        s2 += __ldcg(src + (sp + 2) * step);
-        s3 += __ldcg(src + (sp + 3) * step);
+      src[o] = p.ws + (size_t)(idx / tile_rows) * p.n + r;
+    }
+    float s[RO][4];
+#pragma unroll
+    for (int o = 0; o < RO; ++o) s[o][0] = s[o][1] = s[o][2] = s[o][3] = 0.f;
+    int sp = 0;
+    for (; sp + 4 <= p.splits; sp += 4) {
+      float v[RO][4];
+#pragma unroll
+      for (int o = 0; o < RO; ++o) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[o][q] = __ldcg(src[o] + (sp + q) * step);
       }
-      for (; sp < p.splits; ++sp) s0 += __ldcg(src + sp * step);
-      sum[o] = (s0 + s1) + (s2 + s3);
+#pragma unroll
+      for (int o = 0; o < RO; ++o) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) s[o][q] += v[o][q];
+      }
+    }
+    for (; sp < p.splits; ++sp) {
+      float v[RO];
+#pragma unroll
+      for (int o = 0; o < RO; ++o) v[o] = __ldcg(src[o] + sp * step);
+#pragma unroll
+      for (int o = 0; o < RO; ++o) s[o][0] += v[o];
     }
 #pragma unroll
-    for (int o = 0; o < 2; ++o) {
+    for (int o = 0; o < RO; ++o) {
       const int idx = i0 + o * (int)blockDim.x;
       const int r = tile0 + idx % tile_rows;
-      if (idx < outputs && r < p.n) p.out[(size_t)(idx / tile_rows) * p.ldo + r] = to_bits(sum[o], BF16);
+      if (idx < outputs && r < p.n)
+        p.out[(size_t)(idx / tile_rows) * p.ldo + r] = to_bits((s[o][0] + s[o][1]) + (s[o][2] + s[o][3]), BF16);
     }
   }
   if (threadIdx.x == 0) p.counters[tile] = 0;
