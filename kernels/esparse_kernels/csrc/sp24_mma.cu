@@ -107,6 +107,15 @@ __device__ __forceinline__ uint2 load_stream8(const void* p) {
   return v;
 }
 
+// 16 bytes global -> shared without passing through registers (sm_80+); cp_async_wait_all() waits for
+// this thread's copies (a barrier must follow before other threads read them)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t r;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
@@ -232,22 +241,14 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
   if constexpr (DIRECT) {
     // B fragments are read from p.xfrag in the main loop
   } else if (p.xfrag != nullptr) {
-    // x was put in fragment order by sp24_stage_kernel: this split's slice is contiguous
+    // x was put in fragment order by sp24_stage_kernel: this split's slice is contiguous. Asynchronous
+    // 16-byte copies (through L2, no registers), all of a thread's in flight together: copied through
+    // registers four at a time, the slice took one L2 round trip per four slots and thread, which grew
+    // with the token count (run U1)
     const uint4* src = p.xfrag + (size_t)c_begin * 2 * T * 4;
     const int slots = nc * 2 * T * 4;
-    for (int q0 = threadIdx.x; q0 < slots; q0 += 4 * blockDim.x) {
-      uint4 v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int q = q0 + u * blockDim.x;
-        if (q < slots) v[u] = __ldcg(src + q);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int q = q0 + u * blockDim.x;
-        if (q < slots) xs[q] = v[u];
-      }
-    }
+    for (int q = threadIdx.x; q < slots; q += blockDim.x) cp_async16(xs + q, src + q);
+    cp_async_wait_all();
   } else {
     constexpr int SU = NT == 1 ? 8 : 2, ST = NT == 1 ? 2 : 8;  // 16 gathers in flight
     uint16_t* xsh = reinterpret_cast<uint16_t*>(xs);
