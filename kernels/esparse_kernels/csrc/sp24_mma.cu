@@ -527,8 +527,8 @@ static cudaError_t launch_one(const GroupParams& g, dim3 grid, int threads, size
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// token tiles of 8: 1 (1-8 tokens), 2 (9-16) or 4 (17-32; at 17-24 the fourth tile's MMAs are
-// wasted, which costs nothing measurable in a kernel bound by the weight stream)
+// token tiles of 8: 1 (1-8 tokens), 2 (9-16) or 4 (17-32; at 17-24 tokens the fourth tile repeats
+// the last token and is not stored: one instantiation less to compile, its cost not measured apart)
 template <bool BF16, bool DIRECT, int NT>
 static cudaError_t launch_depth(const GroupParams& g, dim3 grid, int threads, size_t smem, int depth,
                                 cudaStream_t stream) {
