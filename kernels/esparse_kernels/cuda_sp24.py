@@ -113,6 +113,12 @@ def smem_bytes(in_features: int, split_k: int, tokens: int) -> int:
     return per * CHUNK * tokens * 2
 
 
+def fits_shared_memory(config: "CudaConfig", in_features: int, tokens: int) -> bool:
+    """Whether a configuration can run `tokens` rows: `direct` stages nothing in shared memory, the
+    other modes stage each CTA's K range of x (smem_bytes), at most MAX_SMEM."""
+    return config.direct or smem_bytes(in_features, config.split_k, tokens) <= MAX_SMEM
+
+
 @dataclass(frozen=True)
 class CudaConfig:
     """One launch configuration of the CUDA decode kernel."""
@@ -165,7 +171,7 @@ class CudaWorkspace:
                  dtype: torch.dtype = torch.float16, staged: int = 1):
         if max_tokens > MAX_TOKENS:
             raise ConfigError(f"the CUDA decode kernel takes at most {MAX_TOKENS} tokens, got {max_tokens}")
-        if not config.direct and smem_bytes(in_features, config.split_k, max_tokens) > MAX_SMEM:
+        if not fits_shared_memory(config, in_features, max_tokens):
             raise ConfigError(
                 f"{config.label} stages {smem_bytes(in_features, config.split_k, max_tokens)} bytes of activations "
                 f"per CTA for {in_features} features and {max_tokens} tokens, more than the {MAX_SMEM} allowed: use "
