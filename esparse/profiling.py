@@ -73,6 +73,8 @@ class ProfileSettings:
     # down_proj's channel permutation folded into gate/up's rows (exact; CLI --no-fold for the A/B);
     # the other layers keep gathering x through theirs inside the timed step
     fold_permutations: bool = True
+    # each decode step's kernels by category from a profiler trace (esparse.kernel_breakdown; CLI --breakdown)
+    breakdown: bool = False
 
     @classmethod
     def from_config(cls, section: dict) -> "ProfileSettings":
@@ -288,9 +290,10 @@ def release_scratch() -> None:
 
 @torch.no_grad()
 def measure_variant(target: str, variant: Variant, settings: ProfileSettings, device, plans: dict,
-                    group_timings: list | None = None) -> tuple[list, list]:
+                    group_timings: list | None = None, breakdowns: list | None = None) -> tuple[list, list]:
     """Latency and memory rows of one variant; with `group_timings`, appends what tuning the projection
-    groups measured (the first block's groups: every block of a shape shares their tuning)."""
+    groups measured (the first block's groups: every block of a shape shares their tuning); with
+    `breakdowns` and `settings.breakdown`, each decode step's kernel times by category."""
     torch.cuda.empty_cache()
     model = build_variant(target, variant, settings, device, plans)
     if settings.grouped and model.fused:
@@ -352,6 +355,10 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
                            "max_memory_allocated": int(torch.cuda.max_memory_allocated(device)),
                            "nvml_used_bytes": nvml_snapshot(device.index or 0).get("used_bytes"),
                            "status": "measured"})
+            # after the memory figures, so that the profiler's own use does not count in them
+            if settings.breakdown and breakdowns is not None:
+                breakdowns.append({**base, "batch": batch, "context": length, "step_median_ms": _quartiles(samples)[0],
+                                   **_graph_breakdown(graph_handle.replay)})
             del graph_handle
         median, q1, q3 = _quartiles(samples)
         new_tokens = batch * (length if phase == "prefill" else 1)
@@ -367,6 +374,22 @@ def measure_variant(target: str, variant: Variant, settings: ProfileSettings, de
     del model
     torch.cuda.empty_cache()
     return latency, memory
+
+
+def _graph_breakdown(replay) -> dict:
+    """The kernel breakdown of a decode step, or why it could not be recorded (the latency figure, taken
+    before, stands either way)."""
+    from .kernel_breakdown import profile_graph_kernels
+
+    try:
+        summary = profile_graph_kernels(replay)
+    except Exception as exc:  # a profiler failure must not cost the measured grid
+        log.warning("kernel breakdown failed: %s", exc)
+        return {"breakdown": None, "breakdown_error": f"{type(exc).__name__}: {exc}"}
+    log.info("  kernels per step: %s; busy %.3f ms", ", ".join(f"{c['category']} {c['us_per_step'] / 1e3:.3f}"
+                                                           for c in summary["categories"]),
+             summary["busy_us_per_step"] / 1e3)
+    return {"breakdown": summary}
 
 
 GREEDY_PROMPTS = (
@@ -424,9 +447,9 @@ def profile_target(target: str, variants: list[Variant], settings: ProfileSettin
     dev = torch.device(device if ":" in device else "cuda:0")
     start = nvml_snapshot(dev.index or 0)
     plans: dict = {}
-    latency, memory, groups = [], [], []
+    latency, memory, groups, breakdowns = [], [], [], []
     for variant in variants:
-        rows_l, rows_m = measure_variant(target, variant, settings, dev, plans, groups)
+        rows_l, rows_m = measure_variant(target, variant, settings, dev, plans, groups, breakdowns)
         latency += rows_l
         memory += rows_m
         if on_variant is not None:  # e.g. save what is measured so far (a killed run keeps it)
@@ -434,7 +457,8 @@ def profile_target(target: str, variants: list[Variant], settings: ProfileSettin
     return {"target": target, "measured": True, "gpu_start": start, "gpu_end": nvml_snapshot(dev.index or 0),
             "device_name": torch.cuda.get_device_name(dev), "settings": asdict(settings),
             "timing": "CUDA events; decode: one CUDA-graph replay per sample; prefill: eager forward",
-            "latency": latency, "memory": memory, "projection_groups": groups}
+            "latency": latency, "memory": memory, "projection_groups": groups,
+            **({"decode_breakdown": breakdowns} if settings.breakdown else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="q/k/v and gate/up as separate GEMMs (A/B of the grouped projections)")
     parser.add_argument("--no-fold", action="store_true",
                         help="keep down_proj's permutation in its kernel (A/B of folding it into gate/up)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="record each decode step's kernels by category (torch.profiler, after the timing)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -467,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ProfileSettings(prefill_prompts=sorted({p for p, _ in prefill}), prefill_batches=sorted({b for _, b in prefill}),
                                decode_contexts=sorted({c for c, _ in decode}), decode_batches=sorted({b for _, b in decode}),
                                warmup=args.warmup, repeats=args.repeats, tune_reps=args.tune_reps,
-                               fused=not args.eager, grouped=not args.no_group, fold_permutations=not args.no_fold)
+                               fused=not args.eager, grouped=not args.no_group, fold_permutations=not args.no_fold,
+                               breakdown=args.breakdown)
     known = {"dense": Variant("dense", "dense", False, "random"), "2:4": Variant("magnitude", "2:4", False, "random"),
              "2:4+shuffle": Variant("magnitude", "2:4", True, "random")}
     variants = [known[name] for name in args.variants.split(",")]

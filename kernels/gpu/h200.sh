@@ -52,14 +52,16 @@ build_decode_and_prefill() {
     timeout 240 $PY -c "from esparse_kernels import cutlass_sp24 as c; print(c.build_library(log=print)); c.load_library()" 2>&1 | tail -3
     wait
 }
-# the issue-6 grid for each target: profile_grid SECONDS PATTERN TARGET... (log lines matching PATTERN)
+# the issue-6 grid for each target: profile_grid SECONDS PATTERN TARGET... (log lines matching PATTERN;
+# PROFILE_EXTRA: more options, e.g. --breakdown)
 profile_grid() {
     local limit=$1 pattern=$2 target
     shift 2
     for target in "$@"; do
         stamp "profile $target (fused)"
-        timeout "$limit" $PY -m esparse.profiling --target "$target" $GRID --repeats 30 --tune-reps 5 --out "$OUT" 2>&1 \
-            | grep -E "$pattern" | tail -40
+        timeout "$limit" $PY -m esparse.profiling --target "$target" $GRID --repeats 30 --tune-reps 5 ${PROFILE_EXTRA:-} \
+            --out "$OUT" 2>&1 \
+            | grep -E "$pattern" | tail -80
     done
 }
 # partial records whose complete one was written
