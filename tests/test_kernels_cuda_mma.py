@@ -240,3 +240,21 @@ def test_cuda_kernel_is_graph_capturable_and_sync_free():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_frobenius_error(y_static, reference_linear(x, packed)) < 1e-3
+
+
+def test_ncu_driver_reads_back_every_candidate_label():
+    """kernels/gpu/ncu_decode.py takes the tuning labels the benchmark CSV names (CudaConfig.label's inverse)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "kernels" / "gpu" / "ncu_decode.py"
+    spec = importlib.util.spec_from_file_location("ncu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    configs = {c for t in (1, 16, 32) for c in cuda_candidates(4096, 11008, t, pdl=True)}
+    assert len(configs) > 20
+    for config in configs:
+        assert module.parse_label(config.label) == config
+    for bad in ("mma_w4_sk4_d8_ldg", "mma_w4_sk4", "cutlass_128x64"):
+        with pytest.raises(ConfigError, match="pre=True|not a decode-kernel label"):
+            module.parse_label(bad)
