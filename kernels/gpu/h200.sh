@@ -26,8 +26,8 @@
 # R: grouped projections, programmatic launch of the fused Triton kernels, down_proj's permutation
 #    folded: GPU tests, then an A/B of the LLaMA-7B step (run R1 used --grouped, now the default).
 # S: the defaults after R1: R's GPU tests, the LLaMA-7B issue-6 grid, 13B batch-1 cells.
-# U: the decode kernel to 32 tokens: its GPU tests, 7B/13B shapes at 16 and 32 tokens (U_TOKENS), Nsight Compute
-#    counters of single GEMMs (U_NCU: OUTxIN:TOKENS:CONFIG ...), the 7B grid, 13B cells.
+# U: the decode kernel to 32 tokens: its GPU tests, 7B/13B shapes at 16 and 32 tokens (U_TOKENS), the 7B grid,
+#    Nsight Compute counters of single GEMMs (U_NCU: OUTxIN:TOKENS:CONFIG ...), 13B cells.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
 # attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
@@ -388,8 +388,8 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     stamp "bench U (16 and 32 tokens)"
     timeout ${U_BENCH_S:-80} $BENCH --out "$OUT/kernels_u.csv" --shapes ${U_SHAPES:-llama-7b,llama-13b} --tokens ${U_TOKENS:-16,32} \
         --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_u.log" | grep -v "^  [0-9]" | tail -30
-    ncu_cases ${U_NCU:-}
     [ "${U_GRID_S:-150}" -gt 0 ] && GRID="${U_GRID:-$GRID}" profile_grid ${U_GRID_S:-150} "ms$|Error|error|group" llama-7b
+    ncu_cases ${U_NCU:-}
     GRID="--prefill 2048:1 --decode 128:1,2048:1,128:32,2048:32"
     [ "${U_13B_S:-70}" -gt 0 ] && profile_grid ${U_13B_S:-70} "ms$|Error|error" llama-13b
     drop_partials
