@@ -108,6 +108,27 @@ def test_candidates_fit_the_device(n, k, tokens):
     assert with_pdl == cands + [CudaConfig(**{**c.to_dict(), "pdl": True}) for c in cands]
 
 
+def test_cluster_candidates_and_their_limits():
+    n, k = 4096, 4096
+    with_pdl = cuda_candidates(n, k, 1, n_sms=132, pdl=True)
+    both = cuda_candidates(n, k, 1, n_sms=132, pdl=True, cluster=True)
+    twins = [c for c in both if c.cluster]
+    assert both[:len(with_pdl)] == with_pdl and len(both) == len(with_pdl) + len(twins)
+    assert twins and all(c.pdl and 2 <= c.split_k <= cs.MAX_CLUSTER_SPLITS for c in twins)
+    assert {CudaConfig(**{**c.to_dict(), "cluster": False}) for c in twins} <= set(with_pdl)
+    without_pdl = cuda_candidates(n, k, 1, n_sms=132, cluster=True)
+    assert all(not c.pdl for c in without_pdl) and any(c.cluster for c in without_pdl)
+    cfg = CudaConfig(4, 3, 8, pre=True, pdl=True, cluster=True)
+    assert cfg.label == "mma_w4_sk3_d8_pre_pdl_cl" and CudaConfig.from_dict(cfg.to_dict()) == cfg
+    assert CudaConfig.from_dict({"warps": 4, "split_k": 3, "depth": 8}).cluster is False  # plans written before it
+    for split in (1, 9):
+        with pytest.raises(ConfigError, match=f"cluster=True reduces 2..8 splits in one cluster, got split_k={split}"):
+            CudaConfig(4, split, 4, cluster=True)
+    # 64 features are one chunk: split-K 2 launches one split, which no cluster reduces
+    with pytest.raises(ConfigError, match="mma_w4_sk2_d4_cl launches 1 splits for 64 features"):
+        cs.CudaWorkspace(CudaConfig(4, 2, 4, cluster=True), 128, 1, "cpu", 64)
+
+
 def test_sparse_linear_with_cuda_plan_on_cpu_uses_reference():
     gen = torch.Generator().manual_seed(9)
     w, mask, perm = random_24_weight(32, 128, torch.float16, "cpu", gen)
@@ -134,11 +155,17 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
                                         (CudaConfig(4, 3, 8, pre=True, direct=True, pdl=True), 16),
                                         (CudaConfig(4, 2, 4), 17), (CudaConfig(2, 3, 8, pre=True), 24),
                                         (CudaConfig(4, 1, 8, pre=True, direct=True), 32),
-                                        (CudaConfig(8, 6, 4, pre=True, direct=True, pdl=True), 29)])
+                                        (CudaConfig(8, 6, 4, pre=True, direct=True, pdl=True), 29),
+                                        (CudaConfig(4, 3, 4, cluster=True), 1),
+                                        (CudaConfig(8, 4, 8, pre=True, pdl=True, cluster=True), 16),
+                                        (CudaConfig(4, 2, 8, pdl=True, cluster=True), 24),
+                                        (CudaConfig(2, 8, 4, pre=True, direct=True, cluster=True), 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
     if cfg.pdl and not cs.pdl_supported():
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    if cfg.cluster and not cs.cluster_supported():
+        pytest.skip("thread-block clusters need compute capability 9.0")
     gen = torch.Generator().manual_seed(tokens)
     n, k = 1000, 1536
     w, mask, perm = random_24_weight(n, k, dtype, "cpu", gen)
@@ -151,6 +178,32 @@ def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
         cs.sp24_cuda_matmul(x, packed, cfg, ws, out=out)
         assert rel_frobenius_error(out, reference_linear(x, packed)) < tol
     assert int(ws.counters.abs().sum()) == 0
+
+
+@cuda_only
+@pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9), reason="needs compute capability 9.0")
+@pytest.mark.parametrize("tokens", [1, 9, 32])
+@pytest.mark.parametrize("base", [CudaConfig(4, 3, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(2, 8, 8, pre=True, direct=True),
+                                  CudaConfig(1, 2, 4, pdl=True)])
+def test_cluster_reduction_gives_the_workspace_paths_bits(base, tokens):
+    """Same partials, same summation order: the cluster reduction must equal the workspace path exactly,
+    across repeated calls (the workspace path's counters come back to zero; the cluster path uses none)."""
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(tokens + 70)
+    n, k = 1000, 1536
+    packed = pack_24(*random_24_weight(n, k, torch.float16, "cpu", gen)).to("cuda")
+    clustered = replace(base, cluster=True)
+    spaces = {cfg: cs.CudaWorkspace(cfg, n, tokens, "cuda", k) for cfg in (base, clustered)}
+    assert spaces[clustered].partials.numel() == 1  # no partials in global memory
+    for _ in range(3):
+        x = torch.randn(tokens, k, generator=gen).half().cuda()
+        outs = {}
+        for cfg, ws in spaces.items():
+            outs[cfg] = torch.full((tokens, n), float("nan"), dtype=torch.float16, device="cuda")
+            cs.sp24_cuda_matmul(x, packed, cfg, ws, out=outs[cfg])
+        assert torch.equal(outs[clustered], outs[base])
+        assert rel_frobenius_error(outs[clustered], reference_linear(x, packed)) < 1e-3
 
 
 @cuda_only
@@ -251,7 +304,7 @@ def test_ncu_driver_reads_back_every_candidate_label():
     spec = importlib.util.spec_from_file_location("ncu_decode", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    configs = {c for t in (1, 16, 32) for c in cuda_candidates(4096, 11008, t, pdl=True)}
+    configs = {c for t in (1, 16, 32) for c in cuda_candidates(4096, 11008, t, pdl=True, cluster=True)}
     assert len(configs) > 20
     for config in configs:
         assert module.parse_label(config.label) == config

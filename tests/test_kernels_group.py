@@ -111,12 +111,16 @@ def test_decoder_with_grouped_projections_equals_ungrouped(grouped_dense):
                                         (CudaConfig(8, 2, 4, pre=True), 9),
                                         (CudaConfig(4, 3, 8, pre=True, direct=True), 16),
                                         (CudaConfig(1, 4, 4, pre=True, direct=True, pdl=True), 1),
-                                        (CudaConfig(4, 2, 4, pdl=True), 3)])
+                                        (CudaConfig(4, 2, 4, pdl=True), 3),
+                                        (CudaConfig(4, 3, 4, pdl=True, cluster=True), 1),
+                                        (CudaConfig(8, 4, 8, pre=True, direct=True, cluster=True), 32)])
 @pytest.mark.parametrize("perms", ["distinct", "shared", "none", "mixed"])
 @pytest.mark.parametrize("layout", ["rows", "sm90"])
 def test_grouped_launch_matches_each_reference(cfg, tokens, perms, layout):
     if cfg.pdl and not cs.pdl_supported():
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    if cfg.cluster and not cs.cluster_supported():
+        pytest.skip("thread-block clusters need compute capability 9.0")
     gen = torch.Generator().manual_seed(tokens * 13 + len(perms))
     widths, k = (1000, 200, 328), 1536  # row tiles that end mid-tile, three sizes
     packs = []
@@ -173,17 +177,21 @@ BAD_EXTENSION_CALLS = {
     # name: (the call's setup and call, the message its TORCH_CHECK must raise)
     "33 tokens": ("x = torch.randn(33, 256, device='cuda').half()\n"
                   "out = torch.empty(33, 64, dtype=torch.float16, device='cuda')\n"
-                  "ext.sp24_mma(x, [p.perm], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False)\n",
+                  "ext.sp24_mma(x, [p.perm], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False, False)\n",
                   "the decode kernel takes 1..32 tokens, got 33"),
     "4 weights": ("x = torch.randn(1, 256, device='cuda').half()\n"
                   "outs = [torch.empty(1, 64, dtype=torch.float16, device='cuda') for _ in range(4)]\n"
                   "ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False,\n"
-                  "             [0] * 4, False)\n",
+                  "             [0] * 4, False, False)\n",
                   "a launch takes 1..3 weights, got 4"),
     "features": ("x = torch.randn(1, 512, device='cuda').half()\n"
                  "out = torch.empty(1, 64, dtype=torch.float16, device='cuda')\n"
-                 "ext.sp24_mma(x, [None], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False)\n",
+                 "ext.sp24_mma(x, [None], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False, False)\n",
                  "x has 512 features, weight 0 has 256"),
+    "cluster of 1": ("x = torch.randn(1, 256, device='cuda').half()\n"
+                     "out = torch.empty(1, 64, dtype=torch.float16, device='cuda')\n"
+                     "ext.sp24_mma(x, [None], [p.values], [p.meta], [out], ws, cnt, 1, 4, 4, 0, [None], False, [0], False, True)\n",
+                     "the cluster reduction takes 2..8 effective splits, got 1"),
 }
 
 

@@ -458,10 +458,10 @@ def tune_tokens(bench: ShapeBench, tokens: int, n_sms: int, include_cslt: bool =
         for cfg in kernel_candidates(n, k, tokens, n_sms, has_perm):
             res.append(_safe(lambda cfg=cfg: bench.time_ours(cfg, tokens), "ours", cfg.label, cfg.to_dict()))
     if include_cuda and cuda_available():
-        from .cuda_sp24 import cuda_candidates, pdl_supported, supports_shape
+        from .cuda_sp24 import cluster_supported, cuda_candidates, pdl_supported, supports_shape
 
         if supports_shape(n, k, bench.weight.dtype):
-            for cfg in cuda_candidates(n, k, tokens, n_sms, pdl=pdl_supported()):
+            for cfg in cuda_candidates(n, k, tokens, n_sms, pdl=pdl_supported(), cluster=cluster_supported()):
                 res.append(_safe(lambda cfg=cfg: bench.time_cuda(cfg, tokens), "ours_cuda", cfg.label,
                                  cfg.to_dict()))
     from .cutlass_sp24 import MIN_TOKENS as CUTLASS_MIN_TOKENS

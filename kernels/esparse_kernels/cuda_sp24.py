@@ -40,6 +40,7 @@ MAX_TOKENS = 32  # csrc/sp24_mma.h's kMaxTokens: up to four token tiles of 8
 CHUNK = 64  # input columns per chunk (two MMAs)
 DEPTHS = (4, 8)
 MAX_SMEM = 200 * 1024  # staged activations per CTA we allow the tuner to ask for
+MAX_CLUSTER_SPLITS = 8  # csrc/sp24_mma.h's kMaxClusterSplits (the portable cluster size)
 
 _EXT = None
 _EXT_ERROR: str | None = None
@@ -131,10 +132,16 @@ class CudaConfig:
     # programmatic dependent launch (compute capability 9.0+): the kernel streams its first weights
     # while the previous kernel in the stream finishes (csrc/sp24_mma.cu)
     pdl: bool = False
+    # the splits of a row tile as one thread-block cluster, reducing through distributed shared memory
+    # instead of a global workspace (compute capability 9.0+, 2..MAX_CLUSTER_SPLITS splits; csrc/sp24_mma.cu)
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if self.direct and not self.pre:
             raise ConfigError("direct=True reads the fragments that pre=True stages: it needs pre=True")
+        if self.cluster and not 2 <= self.split_k <= MAX_CLUSTER_SPLITS:
+            raise ConfigError(f"cluster=True reduces 2..{MAX_CLUSTER_SPLITS} splits in one cluster, "
+                              f"got split_k={self.split_k}")
         if not 1 <= self.warps <= 8:
             raise ConfigError(f"warps={self.warps} must be in 1..8")
         if self.split_k < 1:
@@ -147,12 +154,12 @@ class CudaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CudaConfig":
-        return cls(**{k: data[k] for k in ("warps", "split_k", "depth", "pre", "direct", "pdl") if k in data})
+        return cls(**{k: data[k] for k in ("warps", "split_k", "depth", "pre", "direct", "pdl", "cluster") if k in data})
 
     @property
     def label(self) -> str:
         return f"mma_w{self.warps}_sk{self.split_k}_d{self.depth}" + ("_pre" if self.pre else "") + \
-            ("_ldg" if self.direct else "") + ("_pdl" if self.pdl else "")
+            ("_ldg" if self.direct else "") + ("_pdl" if self.pdl else "") + ("_cl" if self.cluster else "")
 
     @property
     def rows_per_cta(self) -> int:
@@ -176,13 +183,18 @@ class CudaWorkspace:
                 f"{config.label} stages {smem_bytes(in_features, config.split_k, max_tokens)} bytes of activations "
                 f"per CTA for {in_features} features and {max_tokens} tokens, more than the {MAX_SMEM} allowed: use "
                 f"a larger split_k or direct=True")
+        splits = effective_splits(in_features, config.split_k)
+        if config.cluster and not 2 <= splits <= MAX_CLUSTER_SPLITS:
+            raise ConfigError(f"{config.label} launches {splits} splits for {in_features} features; the cluster "
+                              f"reduction takes 2..{MAX_CLUSTER_SPLITS}")
         widths = [int(out_features)] if isinstance(out_features, int) else [int(n) for n in out_features]
         if not 1 <= len(widths) <= MAX_GROUP or not 1 <= staged <= len(widths):
             raise ConfigError(f"a launch takes 1..{MAX_GROUP} weights and stages 1..weights permutations, "
                               f"got {len(widths)} weights and {staged} staged")
-        splits = effective_splits(in_features, config.split_k)
         tiles = sum(-(-n // config.rows_per_cta) for n in widths)
-        self.partials = torch.empty(max(splits * max_tokens * sum(widths), 1) if splits > 1 else 1,
+        # the cluster reduction keeps its partials on chip
+        in_global = splits > 1 and not config.cluster
+        self.partials = torch.empty(max(splits * max_tokens * sum(widths), 1) if in_global else 1,
                                     dtype=torch.float32, device=device)
         self.counters = torch.zeros(max(tiles, 1), dtype=torch.int32, device=device)
         self.max_tokens = max_tokens
@@ -243,7 +255,7 @@ def sp24_cuda_group_matmul(x: torch.Tensor, packs: list[Packed24], config: CudaC
             aligned.append(sm90_meta_shape(packed.out_features, packed.in_features)[0])
     ext.sp24_mma(x, [p.perm for p in packs], [p.values for p in packs], metas, outs, workspace.partials,
                  workspace.counters, config.split_k, config.warps, config.depth, workspace.meta_variant, xfrags,
-                 config.direct, aligned, config.pdl)
+                 config.direct, aligned, config.pdl, config.cluster)
     return outs
 
 
@@ -273,7 +285,7 @@ def _check_variant(ext, variant: int, device) -> bool:
         ws = torch.empty(split * tokens * 80, dtype=torch.float32, device=device)
         cnt = torch.zeros(8, dtype=torch.int32, device=device)
         ext.sp24_mma(x, [packed.perm], [packed.values], [packed.meta], [out], ws, cnt, split, 4, 4, variant, [None],
-                     False, [0], False)
+                     False, [0], False, False)
         if not rel_frobenius_error(out, reference_linear(x, packed)) < 1e-3:
             return False
     return True
@@ -307,14 +319,23 @@ def pdl_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
+def cluster_supported() -> bool:
+    """Thread-block clusters need compute capability 9.0 or newer; ESPARSE_CLUSTER=0 leaves the cluster
+    reduction out of the tuning (for an A/B)."""
+    if os.environ.get("ESPARSE_CLUSTER", "1") == "0":
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132,
-                    pdl: bool = False) -> list[CudaConfig]:
+                    pdl: bool = False, cluster: bool = False) -> list[CudaConfig]:
     """Configurations worth timing: 1, 2, 4 or 8 warps (16 rows each), depth 4 or 8, split-K giving
     0.5-6 CTAs per SM, the activations gathered per CTA or staged once by a separate launch (``pre``; at 1 token too, where the
     extra launch can cost more than the per-CTA gather it saves, so the tuner decides), and
     staged fragments copied to shared memory or read from global memory where used (``direct``, which
     needs no shared memory, so its split-K is not bounded by it); with ``pdl``, each also as a
-    programmatic dependent launch."""
+    programmatic dependent launch; with ``cluster``, those of 2..MAX_CLUSTER_SPLITS splits (the programmatic
+    ones where ``pdl``) also with the cluster reduction."""
     if not (1 <= tokens <= MAX_TOKENS) or in_features % CHUNK:
         return []
     chunks = in_features // CHUNK
@@ -338,6 +359,8 @@ def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int
                 out.append(CudaConfig(warps=warps, split_k=eff, depth=depth, pre=True, direct=True))
     if pdl:
         out += [replace(c, pdl=True) for c in out]
+    if cluster:
+        out += [replace(c, cluster=True) for c in out if c.pdl == pdl and 2 <= c.split_k <= MAX_CLUSTER_SPLITS]
     return out
 
 

@@ -161,7 +161,8 @@ class ProjectionGroup(nn.Module):
             best, best_us, count = None, float("inf"), 0
             for cfg in cuda_sp24.cuda_candidates(sum(self.widths), self.in_features, tokens,
                                                  torch.cuda.get_device_properties(device).multi_processor_count,
-                                                 pdl=cuda_sp24.pdl_supported()):
+                                                 pdl=cuda_sp24.pdl_supported(),
+                                                 cluster=cuda_sp24.cluster_supported()):
                 ws = cuda_sp24.CudaWorkspace(cfg, self.widths, tokens, device, self.in_features, dtype,
                                              len({id(p.perm) for p in packs}))
                 calls = [lambda x=x, c=c, o=o, ws=ws, cfg=cfg: cuda_sp24.sp24_cuda_group_matmul(

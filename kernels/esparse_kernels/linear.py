@@ -125,6 +125,9 @@ class SparseLinear(nn.Module):
                 cfg = KernelConfig.from_dict(spec["config"])
                 if not cfg.supports(size):
                     raise ConfigError(f"plan gives {cfg.label} for a bucket of {size} tokens it cannot run")
+                if cfg.cluster and torch.cuda.get_device_capability(device)[0] < 9:
+                    raise ConfigError(f"plan gives {cfg.label}, whose thread-block clusters need compute capability "
+                                      f"9.0, on {torch.cuda.get_device_name(device)}: rebuild the plan on this GPU")
                 ws = _shared_workspace(
                     lambda: Workspace(cfg, self.out_features, size, device, self.in_features, self.values.dtype),
                     "ours", repr(cfg), self.out_features, self.in_features, size, self.values.dtype, device)
@@ -146,6 +149,9 @@ class SparseLinear(nn.Module):
                 cfg = cuda_sp24.CudaConfig.from_dict(spec["config"])
                 if not cfg.supports(size):
                     raise ConfigError(f"plan gives {cfg.label} for a bucket of {size} tokens it cannot run")
+                if cfg.cluster and torch.cuda.get_device_capability(device)[0] < 9:
+                    raise ConfigError(f"plan gives {cfg.label}, whose thread-block clusters need compute capability "
+                                      f"9.0, on {torch.cuda.get_device_name(device)}: rebuild the plan on this GPU")
                 ws = _shared_workspace(
                     lambda: cuda_sp24.CudaWorkspace(cfg, self.out_features, size, device, self.in_features,
                                                     self.values.dtype),

@@ -90,10 +90,10 @@ def run(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: i
             "results": results}
 
 
-def cuda_cases(dtype: torch.dtype, pdl: bool = False):
+def cuda_cases(dtype: torch.dtype, pdl: bool = False, cluster: bool = False):
     from dataclasses import replace
 
-    from .cuda_sp24 import CudaConfig, fits_shared_memory
+    from .cuda_sp24 import MAX_CLUSTER_SPLITS, CudaConfig, effective_splits, fits_shared_memory
 
     shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
     configs = [CudaConfig(4, 1, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(4, 3, 4), CudaConfig(2, 16, 8),
@@ -105,18 +105,22 @@ def cuda_cases(dtype: torch.dtype, pdl: bool = False):
     if pdl:  # programmatic dependent launches: per-CTA staging, pre-staged, direct
         direct = next(c for c in configs if c.direct)
         configs += [replace(c, pdl=True) for c in (configs[0], configs[1], direct)]
+    if cluster:  # the cluster reduction: per-CTA staging, pre-staged, direct (programmatic where pdl)
+        configs += [CudaConfig(4, 3, 4, pdl=pdl, cluster=True), CudaConfig(8, 4, 8, pre=True, pdl=pdl, cluster=True),
+                    CudaConfig(2, 8, 4, pre=True, direct=True, pdl=pdl, cluster=True)]
     tokens = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 32]
     for shape in shapes:
         for cfg in configs:
             for t in tokens:
-                if fits_shared_memory(cfg, shape[1], t):  # else the workspace refuses
+                clustered = 2 <= effective_splits(shape[1], cfg.split_k) <= MAX_CLUSTER_SPLITS
+                if fits_shared_memory(cfg, shape[1], t) and (clustered or not cfg.cluster):  # else the workspace refuses
                     yield shape, cfg, t
 
 
 def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: int = 3) -> dict:
     """The CUDA decode kernel (cuda_sp24) against the reference; same rules as ``run``. Permuted cases
     run with the metadata in both layouts the kernel reads (pack.py's rows and CUTLASS's sm90)."""
-    from .cuda_sp24 import CudaWorkspace, meta_variant, pdl_supported, sp24_cuda_matmul
+    from .cuda_sp24 import CudaWorkspace, cluster_supported, meta_variant, pdl_supported, sp24_cuda_matmul
     from .pack import meta_to_sm90
 
     results, failures = [], []
@@ -124,7 +128,7 @@ def run_cuda(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repea
     packed_cache = {}
     variant = meta_variant()
     for dtype in dtypes:
-        for (n, k), cfg, t in cuda_cases(dtype, pdl=pdl_supported()):
+        for (n, k), cfg, t in cuda_cases(dtype, pdl=pdl_supported(), cluster=cluster_supported()):
             for with_perm, layout in ((True, "rows"), (True, "sm90"), (False, "rows")):
                 key = (n, k, dtype, with_perm)
                 if key not in packed_cache:

@@ -104,7 +104,7 @@ ws, cnt = torch.empty(1, device="cuda"), torch.zeros(1, dtype=torch.int32, devic
 x = torch.randn(1, 256, device="cuda").half()
 outs = [torch.empty(1, 64, dtype=torch.float16, device="cuda") for _ in range(4)]
 try:
-    ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False, [0] * 4, False)
+    ext.sp24_mma(x, [p.perm] * 4, [p.values] * 4, [p.meta] * 4, outs, ws, cnt, 1, 4, 4, 0, [None] * 4, False, [0] * 4, False, False)
 except RuntimeError as exc:
     print("raised RuntimeError:", str(exc).splitlines()[0])
 PY

@@ -3,7 +3,7 @@
 Timing with CUDA events says how long the decode kernel takes; `ncu` says why (achieved DRAM and L2
 throughput, warp stall reasons, occupancy). This script only makes the calls: h200.sh runs it under
 `ncu --clock-control none -k regex:... --launch-skip S --launch-count 1`, so the profiled launch is a
-warm one. `--config` is a tuning label (`mma_w4_sk4_d8_pre_ldg_pdl`, as the benchmark CSV names it) or
+warm one. `--config` is a tuning label (`mma_w4_sk4_d8_pre_ldg_pdl_cl`, as the benchmark CSV names it) or
 `cublas` for the dense baseline of the same shape.
 
     python kernels/gpu/ncu_decode.py --shape 4096x4096 --tokens 32 --config mma_w8_sk4_d8_pre
@@ -18,7 +18,8 @@ import torch
 
 from esparse.errors import ConfigError
 
-LABEL = re.compile(r"mma_w(?P<warps>\d+)_sk(?P<split_k>\d+)_d(?P<depth>\d+)(?P<pre>_pre)?(?P<direct>_ldg)?(?P<pdl>_pdl)?")
+LABEL = re.compile(r"mma_w(?P<warps>\d+)_sk(?P<split_k>\d+)_d(?P<depth>\d+)(?P<pre>_pre)?(?P<direct>_ldg)?(?P<pdl>_pdl)?"
+                   r"(?P<cluster>_cl)?")
 
 
 def parse_label(label: str):
@@ -29,7 +30,8 @@ def parse_label(label: str):
     if match is None:
         raise ConfigError(f"--config {label!r} is not a decode-kernel label like mma_w4_sk4_d8_pre_ldg_pdl, nor 'cublas'")
     config = CudaConfig(warps=int(match["warps"]), split_k=int(match["split_k"]), depth=int(match["depth"]),
-                        pre=bool(match["pre"]), direct=bool(match["direct"]), pdl=bool(match["pdl"]))
+                        pre=bool(match["pre"]), direct=bool(match["direct"]), pdl=bool(match["pdl"]),
+                        cluster=bool(match["cluster"]))
     assert config.label == label
     return config
 

@@ -48,13 +48,15 @@ const int32_t* perm_pointer(const c10::optional<torch::Tensor>& perm, int64_t k)
 // columns), perms_i int32 [K] or None. outs_i may be column slices of one buffer (row stride ldo).
 // ws: fp32 [>= splits*T*sum(N_i)] and counters: int32 [>= sum of row tiles], zero, when splits > 1.
 // xfrags_i: x staged for perms_i (sp24_stage), or None. pdl: launch as a programmatic dependent launch
-// (compute capability 9.0+; sp24_mma.cu's header).
+// (compute capability 9.0+; sp24_mma.cu's header). cluster: the splits of a row tile reduce through
+// distributed shared memory as one thread-block cluster (9.0+, 2..8 effective splits; ws and counters
+// unused).
 void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Tensor>>& perms,
               const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& metas,
               const std::vector<torch::Tensor>& outs, const torch::Tensor& ws, const torch::Tensor& counters,
               int64_t splits, int64_t warps, int64_t depth, int64_t meta_variant,
               const std::vector<c10::optional<torch::Tensor>>& xfrags, bool direct,
-              const std::vector<int64_t>& meta_rows_aligned, bool pdl) {
+              const std::vector<int64_t>& meta_rows_aligned, bool pdl, bool cluster) {
   const size_t count = values.size();
   ESP_CHECK(count >= 1 && count <= (size_t)esparse_sp24::kMaxGroup, "a launch takes 1..",
               esparse_sp24::kMaxGroup, " weights, got ", count);
@@ -74,6 +76,9 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
   ESP_CHECK(splits >= 1, "splits must be >= 1");
   ESP_CHECK(meta_variant == 0 || meta_variant == 1, "meta_variant must be 0 or 1");
   const int eff = esparse_sp24::sp24_effective_splits((int)k, (int)splits);
+  ESP_CHECK(!cluster || (eff >= 2 && eff <= esparse_sp24::kMaxClusterSplits), "the cluster reduction takes 2..",
+            esparse_sp24::kMaxClusterSplits, " effective splits, got ", eff);
+  const bool workspace = eff > 1 && !cluster;  // the cluster reduction needs no partials in global memory
   const int64_t tile_rows = 16 * warps;
   esparse_sp24::Problem probs[esparse_sp24::kMaxGroup] = {};
   int64_t rows_before = 0, tiles_before = 0;
@@ -117,7 +122,7 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
       q.xfrag = xf.data_ptr();
     }
     ESP_CHECK(!direct || q.xfrag != nullptr, "direct B-fragment reads need the staged xfrag buffer");
-    if (eff > 1) {
+    if (workspace) {
       check_cuda(ws, "ws");
       check_cuda(counters, "counters");
       ESP_CHECK(ws.scalar_type() == at::kFloat && counters.scalar_type() == at::kInt, "ws float32, counters int32");
@@ -127,7 +132,7 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
     rows_before += n;
     tiles_before += (n + tile_rows - 1) / tile_rows;
   }
-  if (eff > 1) {
+  if (workspace) {
     ESP_CHECK(ws.numel() >= eff * t * rows_before, "ws too small: need ", eff * t * rows_before, " floats");
     ESP_CHECK(counters.numel() >= tiles_before, "counters too small: need ", tiles_before);
   }
@@ -135,7 +140,7 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   cudaError_t err = esparse_sp24::sp24_mma_launch(
       x.data_ptr(), probs, (int)count, (int)k, (int)t, (int)x.stride(0), (int)splits, (int)warps, (int)depth,
-      (int)meta_variant, dtype == at::kBFloat16, direct, pdl, stream);
+      (int)meta_variant, dtype == at::kBFloat16, direct, pdl, cluster, stream);
   ESP_CHECK(err == cudaSuccess, "sp24_mma launch failed: ", cudaGetErrorString(err));
 }
 

@@ -41,9 +41,17 @@
 // Split-K. blockIdx.y splits the 64-column chunks; partials go to a fp32 workspace and the last CTA
 // of each row tile (an atomic ticket) sums them in split order, writes the output and resets its
 // counter: one launch, deterministic, no memset, graph-capturable.
+//
+// Cluster reduction (Hopper; launches with `cluster`, 2..kMaxClusterSplits splits). The splits of a row
+// tile run as one thread-block cluster: each keeps its partials in shared memory, and after a cluster
+// barrier each sums its share of the tile's outputs over all splits through distributed shared memory.
+// The workspace path's tail (partials to L2, a fence, an atomic ticket, the last CTA reading them back:
+// several dependent L2 round trips after the last MMA) becomes two cluster barriers and on-chip loads.
+// Same summation order, so both paths give the same bits.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <cstdint>
 
@@ -67,6 +75,7 @@ struct Params {
   int meta_rows_aligned;   // 0: meta in pack.py's row-major words; > 0: CUTLASS's sm90 tensor-E layout
                            // (pack.py's meta_to_sm90) padded to this many rows
   int pdl;                 // launched as a programmatic dependent launch (see the header)
+  int cluster;             // the splits of a row tile are one thread-block cluster (see the header)
   const uint4* xfrag;      // x already in B-fragment order for all of K (sp24_stage_kernel), or nullptr
 };
 
@@ -385,6 +394,54 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
     }
     return;
   }
+  const int tile0 = tile * tile_rows;
+  const int outputs = tile_rows * T;
+  if (p.cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // This split's partials stay in its shared memory ([T][tile_rows] floats, over the staged x once every
+    // warp is done with it); after a cluster barrier, split s sums outputs [s*per, (s+1)*per) of all splits
+    // by distributed shared-memory loads, in the workspace path's order (bit-identical results), and a
+    // second barrier keeps every partial in place until all are read. No workspace, no ticket, no L2
+    // round trips.
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    float* red = reinterpret_cast<float*>(xs);
+    if constexpr (!DIRECT) __syncthreads();
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = nt * 8 + 2 * tig + (i & 1);
+        if (t < T) red[t * tile_rows + warp * 16 + gid + 8 * (i >> 1)] = acc[nt][i];
+      }
+    }
+    cluster.sync();
+    const int per = (outputs + p.splits - 1) / p.splits;
+    const int begin = (int)cluster.block_rank() * per;
+    const int end = min(begin + per, outputs);
+    for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      int sp = 0;
+      for (; sp + 4 <= p.splits; sp += 4) {
+        const float v0 = *cluster.map_shared_rank(red + idx, sp);
+        const float v1 = *cluster.map_shared_rank(red + idx, sp + 1);
+        const float v2 = *cluster.map_shared_rank(red + idx, sp + 2);
+        const float v3 = *cluster.map_shared_rank(red + idx, sp + 3);
+        s0 += v0;
+        s1 += v1;
+        s2 += v2;
+        s3 += v3;
+      }
+      for (; sp < p.splits; ++sp) s0 += *cluster.map_shared_rank(red + idx, sp);
+      const int r = tile0 + idx % tile_rows;
+      if (r < p.n) p.out[(size_t)(idx / tile_rows) * p.ldo + r] = to_bits((s0 + s1) + (s2 + s3), BF16);
+    }
+    cluster.sync();
+#else
+    __trap();  // clusters need compute capability 9.0; the host never launches this mode below it
+#endif
+    return;
+  }
   float* part = p.ws + (size_t)blockIdx.y * T * p.n;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -406,8 +463,6 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
   // per-output loop, as first written, every output cost one L2 round trip of its own, which at 32
   // tokens (16 outputs per thread with 8 warps) made the tail grow with the token count (run U1).
   constexpr int RO = NT == 1 ? 2 : 4 * (NT / 2);  // 2, 4 or 8
-  const int tile0 = tile * tile_rows;
-  const int outputs = tile_rows * T;
   const size_t step = (size_t)T * p.n;
   for (int i0 = threadIdx.x; i0 < outputs; i0 += RO * blockDim.x) {
     const float* src[RO];
@@ -494,19 +549,31 @@ __global__ void __launch_bounds__(256) sp24_stage_kernel(const uint16_t* __restr
 }
 
 // A launch, with the programmatic-stream-serialization attribute when `pdl` (see the header).
+// With cluster_y > 1, thread-block clusters of (1, cluster_y, 1) CTAs (the splits of one row tile).
 template <typename Kernel, typename... Args>
 static cudaError_t launch_kernel(Kernel kern, dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl,
-                                 Args... args) {
+                                 int cluster_y, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster_y > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = cluster_y;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kern, args...);
 }
 
@@ -523,7 +590,8 @@ static cudaError_t launch_one(const GroupParams& g, dim3 grid, int threads, size
     if (err != cudaSuccess) return err;
     configured = true;
   }
-  const cudaError_t err = launch_kernel(kern, grid, threads, smem, stream, g.prob[0].pdl != 0, g);
+  const cudaError_t err = launch_kernel(kern, grid, threads, smem, stream, g.prob[0].pdl != 0,
+                                        g.prob[0].cluster ? (int)grid.y : 1, g);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -547,11 +615,14 @@ static cudaError_t launch_tiles(const GroupParams& g, dim3 grid, int threads, si
 // Returns cudaSuccess or the launch error. Requirements (checked by the caller): 1 <= count <= kMaxGroup
 // problems sharing x (so K and T), K % 64 == 0, 1 <= T <= 32, splits >= 1, warps in {1..8}, depth in
 // {4, 8}; each problem's ws holds splits*T*N floats and its counters ceil(N / (16*warps)) zeroed ints
-// when splits > 1; `direct` only with every problem's xfrag.
+// when splits > 1 and not `cluster`; `direct` only with every problem's xfrag; `cluster` only on compute
+// capability 9.0+ with 2..kMaxClusterSplits effective splits (else cudaErrorInvalidValue).
 cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int k, int t, int ldx, int splits,
-                            int warps, int depth, int meta_variant, bool bf16, bool direct, bool pdl,
+                            int warps, int depth, int meta_variant, bool bf16, bool direct, bool pdl, bool cluster,
                             cudaStream_t stream) {
   if (count < 1 || count > kMaxGroup) return cudaErrorInvalidValue;
+  const int eff = sp24_effective_splits(k, splits);
+  if (cluster && (eff < 2 || eff > kMaxClusterSplits)) return cudaErrorInvalidValue;
   GroupParams g = {};
   g.count = count;
   const int tile_rows = 16 * warps;
@@ -581,11 +652,14 @@ cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int 
     p.meta_variant = meta_variant;
     p.meta_rows_aligned = q.meta_rows_aligned;
     p.pdl = pdl ? 1 : 0;
+    p.cluster = cluster ? 1 : 0;
     tiles += (q.n + tile_rows - 1) / tile_rows;
     g.tile_end[i] = tiles;
   }
   dim3 grid(tiles, g.prob[0].splits);
-  const size_t smem = direct ? 0 : (size_t)cps * 64 * t * 2;
+  const size_t staged = direct ? 0 : (size_t)cps * 64 * t * 2;
+  const size_t partials = cluster ? (size_t)tile_rows * t * 4 : 0;  // the cluster reduction's, over the staged x
+  const size_t smem = staged > partials ? staged : partials;
   const int threads = 32 * warps;
   if (bf16) return direct ? launch_tiles<true, true>(g, grid, threads, smem, depth, t, stream)
                           : launch_tiles<true, false>(g, grid, threads, smem, depth, t, stream);
@@ -603,7 +677,7 @@ cudaError_t sp24_stage_launch(const void* x, const int32_t* const* perms, void* 
     sg.xfrag[i] = static_cast<uint4*>(xfrags[i]);
   }
   const int slots = (k / 64) * 2 * t * 4;
-  const cudaError_t err = launch_kernel(sp24_stage_kernel, dim3((slots + 255) / 256, count), 256, 0, stream, pdl,
+  const cudaError_t err = launch_kernel(sp24_stage_kernel, dim3((slots + 255) / 256, count), 256, 0, stream, pdl, 1,
                                         static_cast<const uint16_t*>(x), sg, k, t, ldx);
   return err != cudaSuccess ? err : cudaGetLastError();
 }

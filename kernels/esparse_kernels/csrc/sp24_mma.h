@@ -7,6 +7,7 @@ namespace esparse_sp24 {
 
 constexpr int kMaxGroup = 3;   // problems one grouped launch may run (q, k, v)
 constexpr int kMaxTokens = 32;  // rows of x one launch takes (four token tiles of 8)
+constexpr int kMaxClusterSplits = 8;  // the portable thread-block cluster size: splits one cluster may reduce
 
 // One problem of a launch: a packed weight, its permutation and where its results go.
 struct Problem {
@@ -22,7 +23,7 @@ struct Problem {
 };
 
 cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int k, int t, int ldx, int splits,
-                            int warps, int depth, int meta_variant, bool bf16, bool direct, bool pdl,
+                            int warps, int depth, int meta_variant, bool bf16, bool direct, bool pdl, bool cluster,
                             cudaStream_t stream);
 cudaError_t sp24_stage_launch(const void* x, const int32_t* const* perms, void* const* xfrags, int count, int k,
                               int t, int ldx, bool pdl, cudaStream_t stream);
