@@ -10,6 +10,9 @@ each against the dense baseline timed there. `--by mode` (activation modes):
 
 `--by warps`: `w4-8` (CTAs of 4 or 8 warps) against `+w1-2` (also 1 and 2 warps).
 
+`--by cluster`: `workspace` (split-K partials summed through a global workspace) against `+cluster`
+(also the cluster reduction of 2-8 splits in distributed shared memory).
+
     python kernels/gpu/mode_ab.py reports/gpu/h100/kernels_h100_d5.tuning.jsonl.gz
 """
 
@@ -24,6 +27,7 @@ import statistics
 FAMILY_SETS = {
     "mode": {"gather": {"gather"}, "+pre": {"gather", "pre"}, "+direct": {"gather", "pre", "direct"}},
     "warps": {"w4-8": {"w4", "w8"}, "+w1-2": {"w1", "w2", "w4", "w8"}},
+    "cluster": {"workspace": {"workspace"}, "+cluster": {"workspace", "cluster"}},
 }
 
 
@@ -39,6 +43,8 @@ def read_records(paths: list[str]) -> list[dict]:
 def config_family(config: dict, by: str) -> str:
     if by == "warps":
         return f"w{config.get('warps', 4)}"
+    if by == "cluster":
+        return "cluster" if config.get("cluster") else "workspace"
     if config.get("direct"):
         return "direct"
     return "pre" if config.get("pre") else "gather"
