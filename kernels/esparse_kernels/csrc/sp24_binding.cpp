@@ -78,6 +78,11 @@ void sp24_mma(const torch::Tensor& x, const std::vector<c10::optional<torch::Ten
   const int eff = esparse_sp24::sp24_effective_splits((int)k, (int)splits);
   ESP_CHECK(!cluster || (eff >= 2 && eff <= esparse_sp24::kMaxClusterSplits), "the cluster reduction takes 2..",
             esparse_sp24::kMaxClusterSplits, " effective splits, got ", eff);
+  if (cluster) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, (int)x.device().index());
+    ESP_CHECK(major >= 9, "the cluster reduction needs compute capability 9.0, the device has ", major, ".x");
+  }
   const bool workspace = eff > 1 && !cluster;  // the cluster reduction needs no partials in global memory
   const int64_t tile_rows = 16 * warps;
   esparse_sp24::Problem probs[esparse_sp24::kMaxGroup] = {};

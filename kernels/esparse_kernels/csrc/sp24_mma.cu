@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
   const int outputs = tile_rows * T;
   if (p.cluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // This split's partials stay in its shared memory ([T][tile_rows] floats, over the staged x once every
+    // This split's partials stay in its shared memory ([T][tile_rows + pad] floats, over the staged x once every
     // warp is done with it); after a cluster barrier, split s sums outputs [s*per, (s+1)*per) of all splits
     // by distributed shared-memory loads, in the workspace path's order (bit-identical results), and a
     // second barrier keeps every partial in place until all are read. No workspace, no ticket, no L2
@@ -406,13 +406,15 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     float* red = reinterpret_cast<float*>(xs);
+    // token rows padded by 4 floats: a quad's four lanes (tokens 2*tig + ...) then store to distinct banks
+    const int red_stride = tile_rows + kClusterRowPad;
     if constexpr (!DIRECT) __syncthreads();
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int t = nt * 8 + 2 * tig + (i & 1);
-        if (t < T) red[t * tile_rows + warp * 16 + gid + 8 * (i >> 1)] = acc[nt][i];
+        if (t < T) red[t * red_stride + warp * 16 + gid + 8 * (i >> 1)] = acc[nt][i];
       }
     }
     cluster.sync();
@@ -420,19 +422,20 @@ __global__ void __launch_bounds__(256) sp24_mma_kernel(const __grid_constant__ G
     const int begin = (int)cluster.block_rank() * per;
     const int end = min(begin + per, outputs);
     for (int idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
+      float* const mine = red + (idx / tile_rows) * red_stride + idx % tile_rows;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
       int sp = 0;
       for (; sp + 4 <= p.splits; sp += 4) {
-        const float v0 = *cluster.map_shared_rank(red + idx, sp);
-        const float v1 = *cluster.map_shared_rank(red + idx, sp + 1);
-        const float v2 = *cluster.map_shared_rank(red + idx, sp + 2);
-        const float v3 = *cluster.map_shared_rank(red + idx, sp + 3);
+        const float v0 = *cluster.map_shared_rank(mine, sp);
+        const float v1 = *cluster.map_shared_rank(mine, sp + 1);
+        const float v2 = *cluster.map_shared_rank(mine, sp + 2);
+        const float v3 = *cluster.map_shared_rank(mine, sp + 3);
         s0 += v0;
         s1 += v1;
         s2 += v2;
         s3 += v3;
       }
-      for (; sp < p.splits; ++sp) s0 += *cluster.map_shared_rank(red + idx, sp);
+      for (; sp < p.splits; ++sp) s0 += *cluster.map_shared_rank(mine, sp);
       const int r = tile0 + idx % tile_rows;
       if (r < p.n) p.out[(size_t)(idx / tile_rows) * p.ldo + r] = to_bits((s0 + s1) + (s2 + s3), BF16);
     }
@@ -577,22 +580,38 @@ static cudaError_t launch_kernel(Kernel kern, dim3 grid, int threads, size_t sme
   return cudaLaunchKernelEx(&cfg, kern, args...);
 }
 
+// A failed call's error is also cleared from the runtime's last-error state, so that it cannot surface
+// at some later, unrelated launch (the caller reports the returned one).
+static cudaError_t failed(cudaError_t err) {
+  (void)cudaGetLastError();
+  return err;
+}
+
 template <bool BF16, int NT, int D, bool DIRECT>
 static cudaError_t launch_one(const GroupParams& g, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   auto kern = sp24_mma_kernel<BF16, NT, D, DIRECT>;
   static bool configured = false;  // raise the dynamic shared-memory limit once per instantiation
+  static int binary_version = 0;   // the compiled architecture (the cluster path exists from 9.0)
   if (!configured) {
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            optin - 1024);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) return failed(err);
+    cudaFuncAttributes attrs = {};
+    err = cudaFuncGetAttributes(&attrs, kern);
+    if (err != cudaSuccess) return failed(err);
+    binary_version = attrs.binaryVersion;
     configured = true;
   }
+  // built for an older architecture (a TORCH_CUDA_ARCH_LIST below 9.0 run on Hopper), the kernel holds
+  // no cluster path: refuse rather than reach its trap
+  if (g.prob[0].cluster && binary_version < 90) return cudaErrorInvalidDeviceFunction;
   const cudaError_t err = launch_kernel(kern, grid, threads, smem, stream, g.prob[0].pdl != 0,
                                         g.prob[0].cluster ? (int)grid.y : 1, g);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  if (err != cudaSuccess) return failed(err);
+  return cudaGetLastError();
 }
 
 // token tiles of 8: 1 (1-8 tokens), 2 (9-16) or 4 (17-32; at 17-24 tokens the fourth tile repeats
@@ -658,7 +677,8 @@ cudaError_t sp24_mma_launch(const void* x, const Problem* probs, int count, int 
   }
   dim3 grid(tiles, g.prob[0].splits);
   const size_t staged = direct ? 0 : (size_t)cps * 64 * t * 2;
-  const size_t partials = cluster ? (size_t)tile_rows * t * 4 : 0;  // the cluster reduction's, over the staged x
+  // the cluster reduction's partials, over the staged x
+  const size_t partials = cluster ? (size_t)(tile_rows + kClusterRowPad) * t * 4 : 0;
   const size_t smem = staged > partials ? staged : partials;
   const int threads = 32 * warps;
   if (bf16) return direct ? launch_tiles<true, true>(g, grid, threads, smem, depth, t, stream)
@@ -679,7 +699,8 @@ cudaError_t sp24_stage_launch(const void* x, const int32_t* const* perms, void* 
   const int slots = (k / 64) * 2 * t * 4;
   const cudaError_t err = launch_kernel(sp24_stage_kernel, dim3((slots + 255) / 256, count), 256, 0, stream, pdl, 1,
                                         static_cast<const uint16_t*>(x), sg, k, t, ldx);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  if (err != cudaSuccess) return failed(err);
+  return cudaGetLastError();
 }
 
 int sp24_effective_splits(int k, int splits) {

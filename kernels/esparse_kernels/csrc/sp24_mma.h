@@ -8,6 +8,7 @@ namespace esparse_sp24 {
 constexpr int kMaxGroup = 3;   // problems one grouped launch may run (q, k, v)
 constexpr int kMaxTokens = 32;  // rows of x one launch takes (four token tiles of 8)
 constexpr int kMaxClusterSplits = 8;  // the portable thread-block cluster size: splits one cluster may reduce
+constexpr int kClusterRowPad = 4;     // floats after each token row of the cluster partials (bank spread)
 
 // One problem of a launch: a packed weight, its permutation and where its results go.
 struct Problem {
