@@ -103,3 +103,50 @@ def profile_graph_kernels(replay, replays: int = 20) -> dict:
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
     return summarize_kernels(kernel_events(trace), replays)
+
+
+BREAKDOWN_COLUMNS = ["target", "weights", "method", "pattern", "shuffle", "batch", "context", "step_median_ms",
+                     "busy_ms", "kernel_ms", "category", "category_ms", "share"]
+
+
+def breakdown_rows(records: list[dict]) -> list[dict]:
+    """Tidy rows (BREAKDOWN_COLUMNS) of the `decode_breakdown` entries of profile records: one per decode
+    case and kernel category; a case whose trace failed gives one row with category "not recorded: ..."."""
+    rows = []
+    for record in records:
+        for case in record.get("decode_breakdown", []):
+            base = {k: case.get(k) for k in BREAKDOWN_COLUMNS[:8]}
+            summary = case.get("breakdown")
+            if summary is None:
+                rows.append({**base, "category": f"not recorded: {case.get('breakdown_error', 'no trace')}"})
+                continue
+            totals = {"busy_ms": summary["busy_us_per_step"] / 1e3, "kernel_ms": summary["kernel_us_per_step"] / 1e3}
+            rows += [{**base, **totals, "category": c["category"], "category_ms": c["us_per_step"] / 1e3,
+                      "share": c["share"]} for c in summary["categories"]]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the kernel breakdowns of profile records (python -m esparse.profiling --breakdown) as one CSV:
+    python -m esparse.kernel_breakdown profile_llama-7b.json ... --out breakdown.csv"""
+    import argparse
+
+    import pandas as pd
+
+    from .io import atomic_path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("records", nargs="+", help="profile JSON files")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    records = [json.loads(Path(path).read_text()) for path in args.records]
+    rows = breakdown_rows(records)
+    if not rows:
+        raise SystemExit(f"no decode_breakdown in {', '.join(args.records)}: profile with --breakdown")
+    with atomic_path(args.out) as tmp:  # a complete table or none
+        pd.DataFrame(rows, columns=BREAKDOWN_COLUMNS).to_csv(tmp, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

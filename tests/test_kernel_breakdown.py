@@ -95,3 +95,32 @@ def test_profile_graph_kernels_sees_the_kernels_of_graph_replays():
     assert 0 < summary["busy_us_per_step"] <= summary["kernel_us_per_step"] + 1e-6
     assert all(k["calls_per_step"] >= 1 for k in summary["kernels"])
     torch.testing.assert_close(out, (a @ b).relu_())
+
+
+def test_breakdown_rows_and_csv(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from esparse.kernel_breakdown import BREAKDOWN_COLUMNS, breakdown_rows, main
+
+    summary = summarize_kernels([_event("sp24_mma_kernel", 0.0, 3000.0), _event("_silu_mul_kernel", 3000.0, 1000.0)], 1)
+    case = {"target": "llama-7b", "weights": "random", "method": "magnitude", "pattern": "2:4", "shuffle": True,
+            "batch": 1, "context": 2048, "step_median_ms": 4.2}
+    record = {"decode_breakdown": [{**case, "breakdown": summary},
+                                   {**case, "batch": 8, "breakdown": None, "breakdown_error": "RuntimeError: x"}]}
+    rows = breakdown_rows([record, {"latency": []}])
+    assert [r["category"] for r in rows] == ["2:4 GEMM, decode kernel", "norm, RoPE, SiLU (fused Triton)",
+                                             "not recorded: RuntimeError: x"]
+    assert rows[0]["category_ms"] == pytest.approx(3.0) and rows[0]["busy_ms"] == pytest.approx(4.0)
+    assert rows[0]["share"] == pytest.approx(0.75) and rows[2]["batch"] == 8
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(record))
+    assert main([str(path), "--out", str(tmp_path / "b.csv")]) == 0
+    table = pd.read_csv(tmp_path / "b.csv")
+    assert list(table.columns) == BREAKDOWN_COLUMNS and len(table) == 3
+    empty = tmp_path / "e.json"
+    empty.write_text(json.dumps({"latency": []}))
+    with pytest.raises(SystemExit, match="no decode_breakdown"):
+        main([str(empty), "--out", str(tmp_path / "c.csv")])
+    assert not (tmp_path / "c.csv").exists()

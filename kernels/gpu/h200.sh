@@ -416,6 +416,8 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
     [ -e "$OUT/kernels_v.tuning.jsonl" ] && $PY kernels/gpu/mode_ab.py "$OUT/kernels_v.tuning.jsonl" --by cluster | tail -4
     [ "${V_GRID_S:-150}" -gt 0 ] && PROFILE_EXTRA=--breakdown GRID="${V_GRID:-$GRID}" \
         profile_grid ${V_GRID_S:-150} "ms$|Error|error|group" llama-7b
+    [ -e "$OUT/profile_llama-7b.json" ] && $PY -m esparse.kernel_breakdown "$OUT/profile_llama-7b.json" \
+        --out "$OUT/breakdown_llama-7b.csv" && echo "breakdown table: $(wc -l < "$OUT/breakdown_llama-7b.csv") lines"
     ncu_cases ${V_NCU:-4096x4096:1:mma_w4_sk4_d8_pdl_cl 4096x4096:1:mma_w4_sk4_d8_pdl 4096x4096:32:mma_w8_sk4_d8_pre_cl \
         4096x4096:32:mma_w8_sk4_d8_pre 4096x4096:32:cublas}
     GRID="--prefill 2048:1 --decode 128:1,2048:1,128:32,2048:32"
