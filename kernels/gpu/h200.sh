@@ -29,8 +29,8 @@
 # U: the decode kernel to 32 tokens: its GPU tests, 7B/13B shapes at 16 and 32 tokens (U_TOKENS), the 7B grid,
 #    Nsight Compute counters of single GEMMs (U_NCU: OUTxIN:TOKENS:CONFIG ...), 13B cells.
 # V: session 16's changes (cluster reduction, run U's split-K tail and cp.async) under their GPU tests, the
-#    kernels at 1/16/32 tokens (cluster A/B from the tuning records), the 7B grid with kernel breakdowns,
-#    Nsight Compute counters of the 4096 x 4096 GEMM, 13B cells.
+#    kernels at 1/16/32 tokens (cluster A/B from the tuning records), Nsight Compute counters of the
+#    4096 x 4096 GEMM. W, right after on the warm machine: the 7B grid with kernel breakdowns, 13B cells.
 # I and J split the benchmark only because one device command may run 10 minutes at most; their CSVs
 # would be concatenated (same command, options, seed, device). Neither has finished yet: I's first
 # attempt (docs/PERFORMANCE.md, run H1) ran out of time on the 7B shapes.
@@ -400,28 +400,35 @@ print('built and loaded in %.1f s; configurations:' % (time.time() - t0),
   V)
     # after session 16 (no GPU then): the cluster reduction and run U's kernel changes (split-K tail loads,
     # cp.async staging) under their GPU tests; the kernels at 1, 16 and 32 tokens with every candidate
-    # (mode_ab.py --by cluster: the A/B from the same run's tuning records); the 7B grid with each decode
-    # step's kernel breakdown; Nsight Compute counters of the 4096 x 4096 GEMM; 13B cells
+    # (mode_ab.py --by cluster: the A/B from the same run's tuning records); Nsight Compute counters of the
+    # 4096 x 4096 GEMM. The libraries go to build/ (kept on a warm machine, so W right after reuses them).
     carried_wheels
-    export ESPARSE_KERNEL_BUILD_DIR=/tmp/esparse_ext
+    export ESPARSE_KERNEL_BUILD_DIR=${ESPARSE_KERNEL_BUILD_DIR:-$PWD/build/esparse_ext}
     build_decode_and_prefill
     bad_call_check
     stamp "CUDA tests: decode kernel (cluster reduction included), step breakdown, grouped launch"
-    timeout ${V_TEST_S:-150} $PY -m pytest -q -p no:cacheprovider -rs ${V_TESTS:-tests/test_kernels_cuda_mma.py \
+    timeout ${V_TEST_S:-170} $PY -m pytest -q -p no:cacheprovider -rs ${V_TESTS:-tests/test_kernels_cuda_mma.py \
         tests/test_kernel_breakdown.py tests/test_kernels_group.py} 2>&1 | tee "$OUT/pytest_v.log" | tail -8
     stamp "bench V (${V_TOKENS:-1,16,32} tokens)"
-    timeout ${V_BENCH_S:-120} $BENCH --out "$OUT/kernels_v.csv" --shapes ${V_SHAPES:-llama-7b,llama-13b} \
+    timeout ${V_BENCH_S:-110} $BENCH --out "$OUT/kernels_v.csv" --shapes ${V_SHAPES:-llama-7b,llama-13b} \
         --tokens ${V_TOKENS:-1,16,32} --no-isolate --no-cusparselt --no-triton 2>&1 | tee "$OUT/bench_v.log" \
         | grep -v "^  [0-9]" | tail -30
     [ -e "$OUT/kernels_v.tuning.jsonl" ] && $PY kernels/gpu/mode_ab.py "$OUT/kernels_v.tuning.jsonl" --by cluster | tail -4
-    [ "${V_GRID_S:-150}" -gt 0 ] && PROFILE_EXTRA=--breakdown GRID="${V_GRID:-$GRID}" \
-        profile_grid ${V_GRID_S:-150} "ms$|Error|error|group" llama-7b
+    ncu_cases ${V_NCU:-4096x4096:1:mma_w4_sk4_d8_pdl_cl 4096x4096:1:mma_w4_sk4_d8_pdl 4096x4096:32:mma_w8_sk4_d8_pre_cl \
+        4096x4096:32:cublas}
+    ;;
+  W)
+    # the LLaMA-7B issue-6 grid with each decode step's kernel breakdown (and its tidy CSV), then 13B cells;
+    # reuses V's libraries in build/ when the machine is still warm
+    carried_wheels
+    export ESPARSE_KERNEL_BUILD_DIR=${ESPARSE_KERNEL_BUILD_DIR:-$PWD/build/esparse_ext}
+    build_decode_and_prefill
+    [ "${W_GRID_S:-200}" -gt 0 ] && PROFILE_EXTRA=--breakdown GRID="${W_GRID:-$GRID}" \
+        profile_grid ${W_GRID_S:-200} "ms$|Error|error|group" llama-7b
     [ -e "$OUT/profile_llama-7b.json" ] && $PY -m esparse.kernel_breakdown "$OUT/profile_llama-7b.json" \
         --out "$OUT/breakdown_llama-7b.csv" && echo "breakdown table: $(wc -l < "$OUT/breakdown_llama-7b.csv") lines"
-    ncu_cases ${V_NCU:-4096x4096:1:mma_w4_sk4_d8_pdl_cl 4096x4096:1:mma_w4_sk4_d8_pdl 4096x4096:32:mma_w8_sk4_d8_pre_cl \
-        4096x4096:32:mma_w8_sk4_d8_pre 4096x4096:32:cublas}
     GRID="--prefill 2048:1 --decode 128:1,2048:1,128:32,2048:32"
-    [ "${V_13B_S:-60}" -gt 0 ] && profile_grid ${V_13B_S:-60} "ms$|Error|error" llama-13b
+    [ "${W_13B_S:-100}" -gt 0 ] && PROFILE_EXTRA=--breakdown profile_grid ${W_13B_S:-100} "ms$|Error|error" llama-13b
     drop_partials
     ;;
   T)
