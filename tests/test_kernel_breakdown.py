@@ -124,3 +124,21 @@ def test_breakdown_rows_and_csv(tmp_path):
     with pytest.raises(SystemExit, match="no decode_breakdown"):
         main([str(empty), "--out", str(tmp_path / "c.csv")])
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_a_failed_trace_is_recorded_as_such(monkeypatch, caplog):
+    """The profiler failing (here: it finds no kernels) leaves the case's error in the record and no number."""
+    import esparse.kernel_breakdown as kb
+    from esparse.profiling import _graph_breakdown
+
+    def no_kernels(replay, replays=20):
+        replay()
+        return summarize_kernels([], replays)
+
+    monkeypatch.setattr(kb, "profile_graph_kernels", no_kernels)
+    calls = []
+    entry = _graph_breakdown(lambda: calls.append(1))
+    assert calls == [1]
+    assert entry["breakdown"] is None
+    assert entry["breakdown_error"].startswith("ValueError: no kernel events in the trace")
+    assert "kernel breakdown failed" in caplog.text
