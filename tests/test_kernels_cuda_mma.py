@@ -311,3 +311,15 @@ def test_ncu_driver_reads_back_every_candidate_label():
     for bad in ("mma_w4_sk4_d8_ldg", "mma_w4_sk4", "cutlass_128x64"):
         with pytest.raises(ConfigError, match="pre=True|not a decode-kernel label"):
             module.parse_label(bad)
+
+
+def test_self_check_cases_are_all_runnable():
+    """Every case the GPU self-check runs is one the workspace accepts (shared memory, cluster splits), and
+    the cluster reduction is among them where it is asked for."""
+    from esparse_kernels.selfcheck import cuda_cases
+
+    for pdl, cluster in ((False, False), (True, True)):
+        cases = list(cuda_cases(torch.float16, pdl=pdl, cluster=cluster))
+        assert cases and all(cs.fits_shared_memory(c, k, t) and cs.cluster_fits(c, k) for (_, k), c, t in cases)
+        assert any(c.cluster for _, c, _ in cases) == cluster and any(c.pdl for _, c, _ in cases) == pdl
+        assert {t for _, _, t in cases} >= {1, 16, 17, 32}

@@ -120,6 +120,12 @@ def fits_shared_memory(config: "CudaConfig", in_features: int, tokens: int) -> b
     return config.direct or smem_bytes(in_features, config.split_k, tokens) <= MAX_SMEM
 
 
+def cluster_fits(config: "CudaConfig", in_features: int) -> bool:
+    """Whether a configuration's cluster reduction, if it asks for one, gets 2..MAX_CLUSTER_SPLITS effective
+    splits over `in_features` (a cluster holds the splits of one row tile)."""
+    return not config.cluster or 2 <= effective_splits(in_features, config.split_k) <= MAX_CLUSTER_SPLITS
+
+
 @dataclass(frozen=True)
 class CudaConfig:
     """One launch configuration of the CUDA decode kernel."""
@@ -184,7 +190,7 @@ class CudaWorkspace:
                 f"per CTA for {in_features} features and {max_tokens} tokens, more than the {MAX_SMEM} allowed: use "
                 f"a larger split_k or direct=True")
         splits = effective_splits(in_features, config.split_k)
-        if config.cluster and not 2 <= splits <= MAX_CLUSTER_SPLITS:
+        if not cluster_fits(config, in_features):
             raise ConfigError(f"{config.label} launches {splits} splits for {in_features} features; the cluster "
                               f"reduction takes 2..{MAX_CLUSTER_SPLITS}")
         widths = [int(out_features)] if isinstance(out_features, int) else [int(n) for n in out_features]

@@ -93,7 +93,7 @@ def run(device: str = "cuda", dtypes=(torch.float16, torch.bfloat16), repeats: i
 def cuda_cases(dtype: torch.dtype, pdl: bool = False, cluster: bool = False):
     from dataclasses import replace
 
-    from .cuda_sp24 import MAX_CLUSTER_SPLITS, CudaConfig, effective_splits, fits_shared_memory
+    from .cuda_sp24 import CudaConfig, cluster_fits, fits_shared_memory
 
     shapes = [(192, 576), (576, 1536), (4096, 4096), (1000, 384), (8192, 2176)]
     configs = [CudaConfig(4, 1, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(4, 3, 4), CudaConfig(2, 16, 8),
@@ -112,8 +112,7 @@ def cuda_cases(dtype: torch.dtype, pdl: bool = False, cluster: bool = False):
     for shape in shapes:
         for cfg in configs:
             for t in tokens:
-                clustered = 2 <= effective_splits(shape[1], cfg.split_k) <= MAX_CLUSTER_SPLITS
-                if fits_shared_memory(cfg, shape[1], t) and (clustered or not cfg.cluster):  # else the workspace refuses
+                if fits_shared_memory(cfg, shape[1], t) and cluster_fits(cfg, shape[1]):  # else the workspace refuses
                     yield shape, cfg, t
 
 
