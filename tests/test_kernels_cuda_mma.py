@@ -183,8 +183,8 @@ def test_cuda_kernel_matches_reference(cfg, tokens, dtype):
 @cuda_only
 @pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9), reason="needs compute capability 9.0")
 @pytest.mark.parametrize("tokens", [1, 9, 32])
-@pytest.mark.parametrize("base", [CudaConfig(4, 3, 4), CudaConfig(8, 4, 8, pre=True), CudaConfig(2, 8, 8, pre=True, direct=True),
-                                  CudaConfig(1, 2, 4, pdl=True)])
+@pytest.mark.parametrize("base", [CudaConfig(4, 3, 4), CudaConfig(8, 4, 8, pre=True),
+                                  CudaConfig(2, 8, 8, pre=True, direct=True), CudaConfig(1, 2, 4, pdl=True)])
 def test_cluster_reduction_gives_the_workspace_paths_bits(base, tokens):
     """Same partials, same summation order: the cluster reduction must equal the workspace path exactly,
     across repeated calls (the workspace path's counters come back to zero; the cluster path uses none)."""
