@@ -317,20 +317,23 @@ def meta_variant() -> int:
 CANDIDATE_WARPS = (1, 2, 4, 8)
 
 
+def _hopper_feature(switch: str) -> bool:
+    """A compute-capability-9.0 launch feature is tuned unless the environment variable `switch` is 0."""
+    if os.environ.get(switch, "1") == "0":
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def pdl_supported() -> bool:
     """Programmatic dependent launch needs compute capability 9.0 or newer; ESPARSE_PDL=0 leaves it out
     of the tuning (the A/B of docs/PERFORMANCE.md, run Q1)."""
-    if os.environ.get("ESPARSE_PDL", "1") == "0":
-        return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return _hopper_feature("ESPARSE_PDL")
 
 
 def cluster_supported() -> bool:
     """Thread-block clusters need compute capability 9.0 or newer; ESPARSE_CLUSTER=0 leaves the cluster
     reduction out of the tuning (for an A/B)."""
-    if os.environ.get("ESPARSE_CLUSTER", "1") == "0":
-        return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return _hopper_feature("ESPARSE_CLUSTER")
 
 
 def cuda_candidates(out_features: int, in_features: int, tokens: int, n_sms: int = 132,
